@@ -1,0 +1,31 @@
+"""phi4-megatron: pre-training, context extension and post-training of a Phi-4-class model on
+Megatron-Core. Tested versions are pinned in requirements/tested.txt; the ranges here are what
+the code is written against."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="phi4-megatron",
+    version="0.1.0",
+    description="Phi-4-class training stack on Megatron-Core, Transformer Engine and Hydra",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.12",
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "megatron-core>=0.19,<0.20",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "numpy>=1.26",
+        "psutil>=5.9",  # dist_checkpointing's writer needs it
+        "safetensors>=0.4",
+        "bpe-openai>=0.1",
+        "tiktoken>=0.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.50,<6"],
+        # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
+        "gpu": ["transformer-engine[pytorch]>=2.4"],
+    },
+    entry_points={"console_scripts": []},
+)

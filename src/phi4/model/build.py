@@ -1,0 +1,149 @@
+"""From the run's settings to Megatron-Core: the TransformerConfig and the model chunks.
+
+`transformer_config` is the one place where Phi-4's architecture (PHI4.md) meets Megatron-Core's
+names; `build_phi4_model` returns the GPTModel chunks this pipeline rank owns (one per virtual
+stage), with untied embeddings, RoPE and the padded vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.validate import check_run
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _fp8_settings(precision: PrecisionConfig) -> dict:
+    fp8 = precision.fp8
+    if fp8 is None:
+        return {}
+    settings = dict(
+        fp8=fp8.format,
+        fp8_recipe=fp8.recipe,
+        fp8_margin=fp8.margin,
+        first_last_layers_bf16=fp8.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=fp8.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=fp8.num_layers_at_end_in_bf16,
+    )
+    if fp8.recipe == "delayed":  # amax history belongs to delayed scaling only
+        settings.update(fp8_amax_history_len=fp8.amax_history_len, fp8_amax_compute_algo=fp8.amax_compute_algo)
+    return settings
+
+
+def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig):
+    """Megatron-Core's TransformerConfig for Phi-4: RMSNorm, SwiGLU, no biases, GQA, dropout as
+    configured (0 for Phi-4), init std 0.02, loss summed per token (averaged by the loop)."""
+    from megatron.core.transformer import TransformerConfig
+
+    check_run(model, topology, precision)
+    dtype = _DTYPES[precision.dtype]
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=model.dropout,
+        attention_dropout=model.dropout,
+        init_method_std=model.init_std,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=topology.tp,
+        pipeline_model_parallel_size=topology.pp,
+        virtual_pipeline_model_parallel_size=topology.vp,
+        context_parallel_size=topology.cp,
+        sequence_parallel=topology.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.dtype == "bf16",
+        calculate_per_token_loss=True,
+        use_cpu_initialization=on_cpu,
+        # Fusions are CUDA kernels; the local spec runs unfused on the CPU.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # Batched isend/irecv mixes up micro-batches of the interleaved schedule over gloo
+        # (MEGATRON_CPU.md, item 11); NCCL handles it.
+        batch_p2p_comm=not on_cpu,
+        # Free each pipeline stage's output once sent (Megatron-LM's default).
+        deallocate_pipeline_outputs=True,
+        **_fp8_settings(precision),
+    )
+
+
+def build_phi4_model(
+    model: ModelConfig,
+    topology: TopologyConfig,
+    precision: PrecisionConfig,
+    config=None,
+) -> list[torch.nn.Module]:
+    """The GPTModel chunks of this pipeline rank: one, or `topology.vp` with virtual stages.
+
+    Needs Megatron-Core's parallel state (phi4.runtime.distributed.init_distributed) first.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from phi4.model.spec import phi4_block_spec
+
+    config = config or transformer_config(model, topology, precision)
+    vocab = model.padded_vocab_size(topology.tp)
+    stages = topology.vp or 1
+    chunks = []
+    for vp_stage in range(stages):
+        vp = vp_stage if topology.vp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=phi4_block_spec(config, model.backend, vp_stage=vp),
+            vocab_size=vocab,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=int(model.rope_base),
+            vp_stage=vp,
+        )
+        chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def _encoder_or_decoder():
+    from megatron.core.enums import ModelType
+
+    return ModelType.encoder_or_decoder
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP/Float16 wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_summary(model: ModelConfig, topology: TopologyConfig, chunks: list, extra: Optional[str] = None) -> str:
+    local = sum(p.numel() for c in chunks for p in c.parameters())
+    line = (
+        f"{model.name or 'model'}: {model.num_parameters():,} parameters "
+        f"({local:,} on this rank; tp={topology.tp} pp={topology.pp} vp={topology.vp})"
+    )
+    return f"{line} {extra}" if extra else line

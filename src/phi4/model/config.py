@@ -1,0 +1,123 @@
+"""The settings of a run that shape the model: architecture, parallel layout, precision.
+
+Each is a frozen dataclass read from the matching Hydra group (conf/model, conf/topology,
+conf/precision); `from_dict` rejects unknown keys by name, so a typo in an override is an error,
+not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from phi4.errors import ConfigError
+
+
+def _from_dict(cls, group: str, values: Mapping[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{group}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+    return cls(**dict(values))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Phi-4-shaped decoder (conf/model/*.yaml)."""
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    backend: str = "local"
+    name: str = ""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, "model", values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """The embedding rows: vocab_size rounded up so that each TP rank holds whole multiples
+        of make_vocab_size_divisible_by (Megatron-LM's rule). Phi-4's 100352 needs no padding at
+        TP=1 or 2."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self) -> int:
+        """Parameters of the unpadded model (Phi-4 14B: 14,659,507,200)."""
+        h, f, kv = self.hidden_size, self.ffn_hidden_size, self.num_query_groups * self.head_dim
+        per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """How the model is split over processes (conf/topology/*.yaml); DP is what is left."""
+
+    tp: int = 1
+    pp: int = 1
+    vp: Optional[int] = None
+    cp: int = 1
+    sp: bool = False
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TopologyConfig":
+        return _from_dict(cls, "topology", values)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """Transformer Engine FP8 (conf/precision/fp8.yaml)."""
+
+    format: str = "hybrid"
+    recipe: str = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    margin: int = 0
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "FP8Config":
+        return _from_dict(cls, "precision.fp8", values)
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Parameter/activation dtype, and FP8 on top of bf16 (conf/precision/*.yaml)."""
+
+    dtype: str = "fp32"
+    fp8: Optional[FP8Config] = field(default=None)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PrecisionConfig":
+        values = dict(values)
+        if values.get("fp8") is not None and not isinstance(values["fp8"], FP8Config):
+            values["fp8"] = FP8Config.from_dict(values["fp8"])
+        return _from_dict(cls, "precision", values)

@@ -1,0 +1,134 @@
+"""Checks that a model, a parallel layout and a precision can work together.
+
+Run before any process group exists, so that a wrong topology costs a second, not a queue wait
+and a hang. Each failure is one ConfigError naming the setting, its value and the valid values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from phi4.errors import ConfigError
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+
+BACKENDS = ("local", "te")
+DTYPES = ("fp32", "bf16")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _listing(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def valid_tp_sizes(model: ModelConfig) -> list[int]:
+    """TP splits query groups, heads and the FFN evenly (the vocabulary is padded instead)."""
+    return [
+        d
+        for d in _divisors(model.num_query_groups)
+        if model.num_attention_heads % d == 0 and model.ffn_hidden_size % d == 0
+    ]
+
+
+def check_model(model: ModelConfig) -> None:
+    if model.backend not in BACKENDS:
+        raise ConfigError(f"model.backend={model.backend!r} is not a backend; valid: {_listing(BACKENDS)}")
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads={model.num_attention_heads} does not divide "
+            f"model.hidden_size={model.hidden_size}; valid: {_listing(_divisors(model.hidden_size))}"
+        )
+    if model.num_attention_heads % model.num_query_groups:
+        raise ConfigError(
+            f"model.num_query_groups={model.num_query_groups} does not divide "
+            f"model.num_attention_heads={model.num_attention_heads}; "
+            f"valid: {_listing(_divisors(model.num_attention_heads))}"
+        )
+    if model.tie_word_embeddings:
+        raise ConfigError("model.tie_word_embeddings=true: Phi-4 unties input and output embeddings; valid: false")
+
+
+def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Optional[int] = None) -> None:
+    for name in ("tp", "pp", "cp"):
+        if getattr(topology, name) < 1:
+            raise ConfigError(f"topology.{name}={getattr(topology, name)} must be a positive integer")
+    tp_sizes = valid_tp_sizes(model)
+    if topology.tp not in tp_sizes:
+        raise ConfigError(
+            f"topology.tp={topology.tp} does not divide the model evenly "
+            f"(model.num_query_groups={model.num_query_groups}, "
+            f"model.num_attention_heads={model.num_attention_heads}, "
+            f"model.ffn_hidden_size={model.ffn_hidden_size}); valid topology.tp: {_listing(tp_sizes)}"
+        )
+    if topology.vp is not None:
+        if topology.vp < 2:
+            raise ConfigError(f"topology.vp={topology.vp}: virtual stages per pipeline rank; valid: null or >= 2")
+        if topology.pp < 2:
+            raise ConfigError(f"topology.vp={topology.vp} needs topology.pp >= 2 (got topology.pp={topology.pp})")
+    stages = topology.pp * (topology.vp or 1)
+    if model.num_layers % stages:
+        valid = [p for p in _divisors(model.num_layers) if model.num_layers % (p * (topology.vp or 1)) == 0]
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} does not split into topology.pp={topology.pp} x "
+            f"topology.vp={topology.vp} = {stages} equal pipeline stages; "
+            f"valid topology.pp with this vp: {_listing(valid)}"
+        )
+    if topology.cp > 1 and model.backend != "te":
+        raise ConfigError(
+            f"topology.cp={topology.cp} needs model.backend=te (context-parallel attention exists only "
+            f"in Transformer Engine); with model.backend={model.backend} valid topology.cp: 1"
+        )
+    if topology.sp and topology.tp < 2:
+        raise ConfigError(
+            f"topology.sp=true needs topology.tp > 1 (got topology.tp={topology.tp}); "
+            f"valid: topology.sp=false, or topology.tp in {_listing([t for t in tp_sizes if t > 1])}"
+        )
+    if world_size is not None and world_size % topology.model_parallel_size:
+        raise ConfigError(
+            f"{world_size} processes do not divide into topology.tp={topology.tp} x topology.pp={topology.pp} "
+            f"x topology.cp={topology.cp} = {topology.model_parallel_size}; the process count must be a "
+            f"multiple of {topology.model_parallel_size}"
+        )
+
+
+def check_precision(model: ModelConfig, precision: PrecisionConfig) -> None:
+    if precision.dtype not in DTYPES:
+        raise ConfigError(f"precision.dtype={precision.dtype!r}; valid: {_listing(DTYPES)}")
+    fp8 = precision.fp8
+    if fp8 is None:
+        return
+    if model.backend != "te":
+        raise ConfigError(
+            f"precision.fp8 needs model.backend=te (FP8 runs in Transformer Engine); "
+            f"got model.backend={model.backend}; valid: model.backend=te, or precision.fp8=null"
+        )
+    if precision.dtype != "bf16":
+        raise ConfigError(f"precision.fp8 runs on top of bf16; got precision.dtype={precision.dtype}; valid: bf16")
+    if fp8.format not in FP8_FORMATS:
+        raise ConfigError(f"precision.fp8.format={fp8.format!r}; valid: {_listing(FP8_FORMATS)}")
+    if fp8.recipe not in FP8_RECIPES:
+        raise ConfigError(f"precision.fp8.recipe={fp8.recipe!r}; valid: {_listing(FP8_RECIPES)}")
+    if fp8.first_last_layers_bf16:
+        kept = fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16
+        if kept >= model.num_layers:
+            raise ConfigError(
+                f"precision.fp8 keeps {kept} of model.num_layers={model.num_layers} layers in bf16, "
+                f"leaving none in FP8; valid: num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 "
+                f"< {model.num_layers}"
+            )
+
+
+def check_run(
+    model: ModelConfig,
+    topology: TopologyConfig,
+    precision: PrecisionConfig,
+    world_size: Optional[int] = None,
+) -> None:
+    """Every check above, in the order a user would fix them."""
+    check_model(model)
+    check_topology(model, topology, world_size)
+    check_precision(model, precision)

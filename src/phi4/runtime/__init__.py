@@ -1,0 +1,1 @@
+"""Process start-up: launch environment, torch.distributed, Megatron-Core parallel state, seeds."""

@@ -1,0 +1,225 @@
+"""The CPU backend: lets Megatron-Core run over gloo on a machine without CUDA.
+
+Megatron-Core assumes a GPU in a handful of places (see shared/MEGATRON_CPU.md): CUDA device
+arguments in tensor factories, `Tensor.cuda()`, `torch.cuda` streams, events and synchronisation,
+parameter type checks against `torch.cuda.*Tensor`, and an RNG tracker that keeps CUDA generator
+states. `activate()` redirects each of them to the CPU. It refuses to run where CUDA exists, so a
+GPU run never passes through this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_ACTIVE_MODE: "_CudaToCpu | None" = None
+
+# What `Tensor.type()` reports for a CPU tensor, as Megatron-Core's optimizers expect of a GPU one.
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is how torch names a CUDA ordinal (torch.cuda.current_device() returns one).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Maps every CUDA device argument to the CPU and makes `.cuda()` a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return self._backward(func, args, kwargs)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)
+        if func is torch.Tensor.to and args:
+            args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+    def _backward(self, func, args, kwargs):
+        # torch pops a mode while its handler runs, so a backward pass started from here would run
+        # every backward function (which allocate with CUDA devices too) outside the mode. Put
+        # the mode back and call the autograd engine directly, as Megatron-Core's own
+        # custom_backward does.
+        names = ("gradient" if func is torch.Tensor.backward else "grad_tensors", "retain_graph", "create_graph")
+        options = dict(zip(names, args[1:]), **kwargs)
+        tensors = args[0] if "tensors" not in kwargs else kwargs.pop("tensors")
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grads = options.get("gradient", options.get("grad_tensors"))
+        grads = (grads,) if grads is None or isinstance(grads, torch.Tensor) else tuple(grads)
+        if len(grads) == 1 and len(tensors) > 1:
+            grads = grads * len(tensors)
+        grads = tuple(torch.ones_like(t) if g is None else g for t, g in zip(tensors, grads))
+        create_graph = bool(options.get("create_graph") or False)
+        retain_graph = options.get("retain_graph")
+        inputs = options.get("inputs") or ()
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        with self:
+            torch.autograd.Variable._execution_engine.run_backward(
+                tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph, inputs,
+                allow_unreachable=True, accumulate_grad=True,
+            )
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream / Event: work on the CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _returns(value):
+    """A fresh stand-in function per patched name (torch.compile keys its rules by function)."""
+
+    def stand_in(*args, **kwargs):
+        return value() if callable(value) else value
+
+    return stand_in
+
+
+class CpuRNGStatesTracker:
+    """Megatron-Core's RNG tracker for the CPU: each named region owns a generator state.
+
+    Inside `fork(name)` the CPU default generator runs on the region's own state, which is saved
+    back on exit, so dropout in tensor-parallel regions draws independent streams as it does on a
+    GPU, and the default stream outside is left where it was.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"rng seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outside)
+
+
+def is_active() -> bool:
+    return _ACTIVE_MODE is not None
+
+
+def activate() -> None:
+    """Switch the process to the CPU backend. Idempotent; refuses where CUDA is available."""
+    global _ACTIVE_MODE
+    if _ACTIVE_MODE is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("phi4.runtime.cpu: CUDA is available; the CPU backend is for CPU-only hosts")
+
+    # Import Megatron-Core (and through it torch.compile's rule tables) before anything in
+    # torch.cuda is replaced, so those tables record the real functions.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cuda = torch.cuda
+    cuda.current_device = _returns(0)
+    cuda.set_device = _returns(None)
+    cuda.synchronize = _returns(None)
+    cuda.empty_cache = _returns(None)
+    cuda.Stream = _NoStream
+    cuda.Event = _NoStream
+    cuda.current_stream = _returns(_NoStream)
+    cuda.default_stream = _returns(_NoStream)
+    cuda.stream = _returns(contextlib.nullcontext)
+    cuda.set_stream = _returns(None)
+    cuda.is_current_stream_capturing = _returns(False)
+    cuda.memory_allocated = _returns(0)
+    cuda.max_memory_allocated = _returns(0)
+    cuda.memory_reserved = _returns(0)
+    cuda.reset_peak_memory_stats = _returns(None)
+    cuda.memory_stats = _returns(dict)
+    cuda.nvtx.range_push = _returns(None)
+    cuda.nvtx.range_pop = _returns(None)
+    cuda.nvtx.range = _returns(contextlib.nullcontext)
+    # The RNG tracker's seeding calls torch.cuda.manual_seed; on the CPU the CPU generator is seeded.
+    cuda.manual_seed = _returns(None)
+    cuda.manual_seed_all = _returns(None)
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    _ACTIVE_MODE = _CudaToCpu()
+    _ACTIVE_MODE.__enter__()
+    log.info("CPU backend active: CUDA device arguments run on the CPU")

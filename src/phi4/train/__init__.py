@@ -1,0 +1,1 @@
+"""Training: the optimizer and one optimizer step over Megatron-Core's pipeline schedules."""

@@ -1,0 +1,27 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+# The tests' own helpers (multirank, helpers) import as top-level modules in every rank process.
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _gpu_missing() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "needs Transformer Engine"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    for item in items:
+        if "gpu" in item.keywords:
+            reason = reason or _gpu_missing()
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))

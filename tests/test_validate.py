@@ -1,0 +1,75 @@
+"""A layout that cannot work fails with one message naming the setting, before any process group."""
+
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers import FP32, ROOT, tiny_model
+from phi4.errors import ConfigError
+from phi4.model.config import FP8Config, ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.validate import check_run, valid_tp_sizes
+
+PHI4 = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/phi4_14b.yaml")))
+BF16 = PrecisionConfig(dtype="bf16")
+
+
+def test_phi4_tp_must_divide_the_ten_query_groups():
+    assert valid_tp_sizes(PHI4) == [1, 2, 5, 10]
+    with pytest.raises(ConfigError) as err:
+        check_run(PHI4, TopologyConfig(tp=4), BF16)
+    message = str(err.value)
+    assert "topology.tp=4" in message and "model.num_query_groups=10" in message
+    assert message.endswith("valid topology.tp: 1, 2, 5, 10")
+    with pytest.raises(ConfigError, match=r"topology.tp=8 .*valid topology.tp: 1, 2, 5, 10"):
+        check_run(PHI4, TopologyConfig(tp=8), BF16)
+
+
+@pytest.mark.parametrize(
+    "topology, pattern",
+    [
+        (TopologyConfig(pp=3), r"model.num_layers=40 does not split into topology.pp=3 x topology.vp=None = 3 .*valid topology.pp with this vp: 1, 2, 4, 5, 8, 10, 20, 40"),
+        (TopologyConfig(pp=4, vp=3), r"model.num_layers=40 does not split into topology.pp=4 x topology.vp=3 = 12"),
+        (TopologyConfig(pp=1, vp=2), r"topology.vp=2 needs topology.pp >= 2"),
+        (TopologyConfig(pp=2, vp=1), r"topology.vp=1: .*valid: null or >= 2"),
+        (TopologyConfig(cp=2), r"topology.cp=2 needs model.backend=te"),
+        (TopologyConfig(tp=1, sp=True), r"topology.sp=true needs topology.tp > 1 .*valid: topology.sp=false, or topology.tp in 2, 5, 10"),
+        (TopologyConfig(tp=0), r"topology.tp=0 must be a positive integer"),
+    ],
+)
+def test_bad_topology_names_the_setting(topology, pattern):
+    local = dataclasses.replace(PHI4, backend="local")
+    with pytest.raises(ConfigError, match=pattern):
+        check_run(local, topology, BF16)
+
+
+def test_world_size_must_be_a_multiple_of_the_model_parallel_size():
+    with pytest.raises(ConfigError, match=r"6 processes do not divide into topology.tp=2 x topology.pp=4 x topology.cp=1 = 8"):
+        check_run(PHI4, TopologyConfig(tp=2, pp=4), BF16, world_size=6)
+    check_run(PHI4, TopologyConfig(tp=2, pp=4), BF16, world_size=16)  # valid: no error
+
+
+def test_precision_rules():
+    local = dataclasses.replace(PHI4, backend="local")
+    fp8 = PrecisionConfig(dtype="bf16", fp8=FP8Config())
+    with pytest.raises(ConfigError, match=r"precision.fp8 needs model.backend=te .*got model.backend=local"):
+        check_run(local, TopologyConfig(), fp8)
+    with pytest.raises(ConfigError, match=r"precision.fp8.recipe='current'; valid: delayed, tensorwise, blockwise, mxfp8"):
+        check_run(PHI4, TopologyConfig(), PrecisionConfig(dtype="bf16", fp8=FP8Config(recipe="current")))
+    with pytest.raises(ConfigError, match=r"precision.fp8 runs on top of bf16; got precision.dtype=fp32"):
+        check_run(PHI4, TopologyConfig(), PrecisionConfig(dtype="fp32", fp8=FP8Config()))
+    with pytest.raises(ConfigError, match=r"precision.dtype='fp16'; valid: fp32, bf16"):
+        check_run(PHI4, TopologyConfig(), PrecisionConfig(dtype="fp16"))
+    check_run(PHI4, TopologyConfig(tp=10, pp=4, vp=2, cp=2, sp=True), fp8)  # the te backend allows it all
+
+
+def test_wrong_topology_fails_before_any_process_group():
+    """init_distributed validates first: a bad TP is a ConfigError and torch.distributed stays down."""
+    from phi4.runtime.distributed import init_distributed
+    from phi4.runtime.launch_env import LaunchEnv
+
+    model = dataclasses.replace(tiny_model(), num_query_groups=2)
+    with pytest.raises(ConfigError, match=r"topology.tp=4 does not divide the model evenly .*valid topology.tp: 1, 2"):
+        init_distributed(model, TopologyConfig(tp=4), FP32, launch=LaunchEnv(0, 4, 0, "127.0.0.1", 1, "torchrun"))
+    assert not torch.distributed.is_initialized()
