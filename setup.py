@@ -27,5 +27,5 @@ setup(
         # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
         "gpu": ["transformer-engine[pytorch]>=2.4"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["phi4-train = phi4.train.main:main"]},
 )

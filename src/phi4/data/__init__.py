@@ -1,0 +1,1 @@
+"""Data: the Phi-4 tokenizer and the synthetic arithmetic corpus."""

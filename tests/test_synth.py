@@ -1,0 +1,54 @@
+"""Synthetic arithmetic problems: deterministic, varied, and their answers are right."""
+
+import re
+from fractions import Fraction
+
+from phi4.data.synth import KINDS, generate
+
+
+def test_deterministic_for_a_seed():
+    assert list(generate(30, seed=5)) == list(generate(30, seed=5))
+    assert list(generate(30, seed=5)) != list(generate(30, seed=6))
+
+
+def test_every_kind_appears():
+    assert {p.kind for p in generate(len(KINDS) * 2)} == set(KINDS)
+
+
+def _check(problem) -> bool:
+    """Re-derive the answer from the question's numbers, independently of the generator."""
+    n = [int(x) for x in re.findall(r"\d+", problem.question)]
+    if problem.kind == "consecutive_evens":
+        count, total = n
+        first = Fraction(total - count * (count - 1), count)
+        return first.denominator == 1 and first % 2 == 0 and first + 2 * (count - 1) == problem.answer
+    if problem.kind == "rectangle":
+        diff, perimeter = n
+        width = (perimeter // 2 - diff) / 2
+        return width * (width + diff) == problem.answer
+    if problem.kind == "trip":
+        t1, s1, t2, s2 = n
+        return s1 * t1 + s2 * t2 == problem.answer
+    if problem.kind == "discount":
+        price, percent = n
+        return Fraction(price * (100 - percent), 100) == problem.answer
+    if problem.kind == "sequence":
+        count, a, b, _ = n
+        return count * (2 * a + (count - 1) * (b - a)) / 2 == problem.answer
+    if problem.kind == "ages":
+        ratio, years, total = n
+        child = Fraction(total - 2 * years, ratio + 1)
+        return ratio * child == problem.answer
+    raise AssertionError(problem.kind)
+
+
+def test_answers_are_correct():
+    problems = list(generate(600, seed=11))
+    wrong = [p for p in problems if not _check(p)]
+    assert not wrong, wrong[:3]
+
+
+def test_seed_example_shape():
+    p = next(p for p in generate(200) if p.kind == "consecutive_evens" and "5 consecutive" in p.question)
+    assert p.text().startswith("Problem: The sum of 5 consecutive even numbers")
+    assert p.text().endswith(f"Answer: {p.answer}")
