@@ -38,7 +38,8 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
         logits = forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
         out[name] = dict(logits=logits, padded_vocab=model.padded_vocab_size(topology.tp),
-                         tp_size=parallel_state.get_tensor_model_parallel_world_size())
+                         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+                         checkpoint_keys=sorted({getattr(v, "key", k) for k, v in chunks[0].sharded_state_dict().items()}))
     return out
 
 
@@ -101,3 +102,12 @@ def test_mapping_is_not_a_plain_copy(reference):
     regrouped = hf_qkv_to_mcore(qkv, model)
     assert not torch.equal(regrouped, qkv)
     assert torch.equal(mcore_qkv_to_hf(regrouped, model), qkv)
+
+
+def test_local_checkpoint_keys_are_the_te_names(megatron):
+    """The local spec saves its norms under the TE spec's fused names, so checkpoints written on
+    GPUs (te) load on the CPU (local) and back."""
+    keys = megatron[0]["tp2"]["checkpoint_keys"]
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not [k for k in keys if "input_layernorm" in k or "pre_mlp_layernorm" in k]
