@@ -27,5 +27,10 @@ setup(
         # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
         "gpu": ["transformer-engine[pytorch]>=2.4"],
     },
-    entry_points={"console_scripts": ["phi4-train = phi4.train.main:main"]},
+    entry_points={
+        "console_scripts": [
+            "phi4-train = phi4.train.main:main",
+            "phi4-convert = phi4.convert.cli:main",
+        ]
+    },
 )

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.hf_weights import hf_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,29 +17,6 @@ def tiny_model(**overrides) -> ModelConfig:
     values = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/phi4_tiny.yaml"))
     values.update(overrides)
     return ModelConfig.from_dict(values)
-
-
-def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
-    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
-    shapes = {
-        "model.embed_tokens.weight": (model.vocab_size, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (model.vocab_size, h),
-    }
-    for i in range(model.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.qkv_proj.weight": (qkv, h),
-                p + "self_attn.o_proj.weight": (h, model.num_attention_heads * d),
-                p + "mlp.gate_up_proj.weight": (2 * f, h),
-                p + "mlp.down_proj.weight": (h, f),
-            }
-        )
-    return shapes
 
 
 def random_hf_weights(model: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,6 +38,21 @@ def token_rows(model: ModelConfig, rows: int, seq: int, seed: int = 1) -> torch.
     """[rows, seq + 1] token ids: inputs and their next-token labels."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.vocab_size, (rows, seq + 1), generator=g)
+
+
+def phi3_reference(model: ModelConfig):
+    """transformers' Phi3ForCausalLM of this shape (random init), in eval mode: the reference."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups, max_position_embeddings=model.max_position_embeddings,
+        original_max_position_embeddings=model.max_position_embeddings, rope_theta=model.rope_base,
+        rms_norm_eps=model.norm_eps, tie_word_embeddings=False, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None,
+    )
+    return Phi3ForCausalLM(config).eval()
 
 
 FP32 = PrecisionConfig(dtype="fp32")

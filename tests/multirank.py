@@ -66,12 +66,13 @@ def _rank_main(fn, rank, world_size, port, args, out, timeout, threads):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
     """Run `fn(*args)` on `world_size` ranks; return the list of their results, by rank."""
+    # Not daemonic: a rank may start processes of its own (dist_checkpointing's writer does).
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, out, timeout, threads), daemon=True)
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, out, timeout, threads))
         for r in range(world_size)
     ]
     for p in procs:

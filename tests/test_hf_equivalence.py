@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import FP32, TopologyConfig, random_hf_weights, tiny_model
+from helpers import FP32, TopologyConfig, phi3_reference, random_hf_weights, tiny_model
 from multirank import run_ranks
 
 TOL = 1e-4
@@ -45,29 +45,11 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
 
 @pytest.fixture(scope="module")
 def reference():
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     model = tiny_model(**MODEL)
-    config = Phi3Config(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_query_groups,
-        max_position_embeddings=model.max_position_embeddings,
-        original_max_position_embeddings=model.max_position_embeddings,
-        rope_theta=model.rope_base,
-        rms_norm_eps=model.norm_eps,
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    hf = Phi3ForCausalLM(config).eval()
-    assert config.num_attention_heads // config.num_key_value_heads == 4
+    hf = phi3_reference(model)
+    assert hf.config.num_attention_heads // hf.config.num_key_value_heads == 4
     weights = random_hf_weights(model, seed=3)
-    missing, unexpected = hf.load_state_dict(weights, strict=True)
+    hf.load_state_dict(weights, strict=True)
     tokens = torch.randint(0, model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         hf_logits = hf(input_ids=tokens).logits

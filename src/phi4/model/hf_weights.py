@@ -16,7 +16,7 @@ converter; `load_hf_weights` copies a HF state dict into the chunks of this rank
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -135,3 +135,82 @@ def load_hf_weights(chunks: list, hf_state: Mapping[str, torch.Tensor], model: M
             param.copy_(value)
             copied += param.numel()
     return copied
+
+
+# --- Whole (unsharded) tensors, as a Megatron-Core distributed checkpoint stores them -------------
+# A checkpoint holds each parameter once, under the TE spec's names, with the layers stacked on a
+# leading axis: e.g. "decoder.layers.self_attention.linear_qkv.weight" is [num_layers, qkv, hidden].
+# Its fc1 is HF's [gate; up] unchanged (Megatron-Core re-slices it per TP rank on load); its qkv is
+# regrouped per query group; its vocabulary rows are padded as at TP=1.
+
+
+def hf_to_mcore_full(full: torch.Tensor, rule: str, model: ModelConfig) -> torch.Tensor:
+    if rule == "qkv":
+        return hf_qkv_to_mcore(full, model)
+    if rule == "vocab":
+        return pad_vocab(full, model.padded_vocab_size(1))
+    return full
+
+
+def mcore_full_to_hf(full: torch.Tensor, rule: str, model: ModelConfig) -> torch.Tensor:
+    if rule == "qkv":
+        return mcore_qkv_to_hf(full, model)
+    if rule == "vocab":
+        return full[: model.vocab_size]
+    return full
+
+
+def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a HF Phi3ForCausalLM checkpoint of this config, in HF order."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.qkv_proj.weight": ((model.num_attention_heads + 2 * model.num_query_groups) * d, h),
+        "self_attn.o_proj.weight": (h, model.num_attention_heads * d),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_up_proj.weight": (2 * f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {"model.embed_tokens.weight": (model.vocab_size, h)}
+    for i in range(model.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (model.vocab_size, h)
+    return shapes
+
+
+# Checkpoint keys of the layer stack: the TE spec's names (what both specs save under).
+_CHECKPOINT_LAYER_KEYS = [
+    "self_attention.linear_qkv.layer_norm_weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight",
+]
+
+
+def checkpoint_layout(model: ModelConfig) -> list[tuple[str, str, str, tuple[int, ...], Optional[int]]]:
+    """(checkpoint key, HF name, rule, checkpoint shape of the piece, layer or None) for every
+    piece of a Megatron-Core checkpoint of this model, one layer at a time."""
+    hf = hf_shapes(model)
+    entries = []
+    for key, (hf_name, rule) in _TOP_PARAMS.items():
+        if key.startswith("output_layer"):
+            continue  # after the layers, as in the model
+        entries.append((key, hf_name, rule, _mcore_shape(hf[hf_name], rule, model), None))
+    for i in range(model.num_layers):
+        for name in _CHECKPOINT_LAYER_KEYS:
+            hf_suffix, rule = _LAYER_PARAMS[name]
+            hf_name = f"model.layers.{i}.{hf_suffix}"
+            entries.append((f"decoder.layers.{name}", hf_name, rule, _mcore_shape(hf[hf_name], rule, model), i))
+    for key in ("decoder.final_layernorm.weight", "output_layer.weight"):
+        hf_name, rule = _TOP_PARAMS[key]
+        entries.append((key, hf_name, rule, _mcore_shape(hf[hf_name], rule, model), None))
+    return entries
+
+
+def _mcore_shape(hf_shape: tuple[int, ...], rule: str, model: ModelConfig) -> tuple[int, ...]:
+    if rule == "vocab":
+        return (model.padded_vocab_size(1), *hf_shape[1:])
+    return tuple(hf_shape)

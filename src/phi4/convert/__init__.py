@@ -1,0 +1,1 @@
+"""phi4-convert: Hugging Face Phi3ForCausalLM <-> Megatron-Core distributed checkpoints."""

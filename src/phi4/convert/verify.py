@@ -1,0 +1,61 @@
+"""--verify: the source and the converted model on the same tokens, on the CPU, in fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from phi4.model.config import ModelConfig
+
+
+def verification_tokens(model: ModelConfig, length: int = 64) -> torch.Tensor:
+    length = min(length, model.max_position_embeddings)
+    return torch.randint(0, model.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=tokens).logits
+    del hf
+    return logits
+
+
+def megatron_logits(ckpt_dir: Path, model: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the checkpoint loaded into the local spec, TP=1, in this one process."""
+    import dataclasses
+
+    from phi4.model.build import build_phi4_model
+    from phi4.model.config import PrecisionConfig, TopologyConfig
+    from phi4.runtime.distributed import init_distributed, shutdown
+    from phi4.runtime.launch_env import LaunchEnv
+    from phi4.train.checkpoint import load_model_weights
+    from phi4.train.step import forward_logits
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = dataclasses.replace(model, backend="local")
+    topology, precision = TopologyConfig(), PrecisionConfig(dtype="fp32")
+    init_distributed(model, topology, precision, launch=LaunchEnv(0, 1, 0, "127.0.0.1", port, "single"))
+    try:
+        chunks = build_phi4_model(model, topology, precision)
+        load_model_weights(chunks, ckpt_dir)
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+        logits = forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
+    finally:
+        shutdown()
+    return logits[..., : model.vocab_size]
+
+
+def max_logit_difference(hf_dir: Path, ckpt_dir: Path, model: ModelConfig) -> tuple[float, float]:
+    """(largest |difference|, largest |logit|) between the HF and the Megatron-Core model."""
+    tokens = verification_tokens(model)
+    reference = hf_logits(hf_dir, tokens)
+    ours = megatron_logits(ckpt_dir, model, tokens)
+    return (ours - reference).abs().max().item(), reference.abs().max().item()

@@ -1,0 +1,314 @@
+"""phi4-convert, proven by logits: HF <-> Megatron-Core checkpoints of a tiny Phi-4-shaped model.
+
+The reference is transformers' Phi3ForCausalLM with random weights (4 query heads per group,
+a vocabulary that needs padding). fp32 logits agree within 1e-4; round trips are bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import FP32, TopologyConfig, phi3_reference, random_hf_weights, tiny_model
+from multirank import run_ranks
+
+TOL = 1e-4
+MODEL = dict(vocab_size=1000, num_layers=4, rope_base=250000.0, max_position_embeddings=128)
+BIN = Path(sys.executable).parent
+
+
+def _hf_logits(directory, tokens):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        return hf(input_ids=tokens).logits
+
+
+def _tensors(directory) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+TOKENS = torch.randint(0, MODEL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A sharded (with index) fp32 HF checkpoint and its logits on TOKENS."""
+    model = tiny_model(**MODEL)
+    hf = phi3_reference(model)
+    hf.load_state_dict(random_hf_weights(model, seed=3))
+    directory = tmp_path_factory.mktemp("hf") / "phi3"
+    hf.save_pretrained(str(directory), max_shard_size="1MB")
+    assert (directory / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        logits = hf(input_ids=TOKENS).logits
+    assert logits.abs().max() > 1.0
+    return directory, logits
+
+
+@pytest.fixture(scope="module")
+def mcore_dir(hf_dir, tmp_path_factory):
+    from phi4.convert.convert import hf_to_mcore
+
+    out = tmp_path_factory.mktemp("mcore") / "ckpt"
+    hf_to_mcore(hf_dir[0], out, progress=False)
+    return out
+
+
+def test_round_trip_is_bit_exact(hf_dir, mcore_dir, tmp_path):
+    from phi4.convert.convert import mcore_to_hf
+
+    back = tmp_path / "hf_again"
+    mcore_to_hf(mcore_dir, back, max_shard_bytes=300_000, progress=False)
+    original, again = _tensors(hf_dir[0]), _tensors(back)
+    assert sorted(original) == sorted(again)
+    for name, tensor in original.items():
+        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded, with an index
+
+
+def test_bf16_single_file_round_trip(tmp_path):
+    """Without an index (one model.safetensors), in bf16 as microsoft/phi-4 ships."""
+    from phi4.convert.convert import hf_to_mcore, mcore_to_hf
+
+    model = tiny_model(**{**MODEL, "num_layers": 2})
+    hf = phi3_reference(model)
+    hf.load_state_dict(random_hf_weights(model, seed=8))
+    hf.to(torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mc", progress=False)
+    mcore_to_hf(tmp_path / "mc", tmp_path / "back", progress=False)
+    original, again = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert sorted(original) == sorted(again)
+    assert all(again[k].dtype == torch.bfloat16 and torch.equal(again[k], v) for k, v in original.items())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def load_converted(ckpt: str, tokens: torch.Tensor) -> dict:
+    """On 2 ranks: the converted checkpoint at TP=2, then at PP=2; logits of each."""
+    from megatron.core import parallel_state
+
+    from phi4.model.build import build_phi4_model
+    from phi4.runtime.distributed import init_distributed, set_parallel_layout
+    from phi4.train.checkpoint import load_model_weights
+    from phi4.train.step import forward_logits
+
+    model = tiny_model(**MODEL)
+    out = {}
+    for i, (name, topology) in enumerate({"tp2": TopologyConfig(tp=2), "pp2": TopologyConfig(pp=2)}.items()):
+        if i == 0:
+            init_distributed(model, topology, FP32)
+        else:
+            set_parallel_layout(topology)
+        chunks = build_phi4_model(model, topology, FP32)
+        load_model_weights(chunks, ckpt)
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+        logits = forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
+        last = parallel_state.is_pipeline_last_stage()
+        out[name] = logits[..., : model.vocab_size] if last else None
+    return out
+
+
+def test_converted_checkpoint_matches_transformers_at_tp2_and_pp2(hf_dir, mcore_dir):
+    _, reference = hf_dir
+    results = run_ranks(load_converted, 2, str(mcore_dir), TOKENS)
+    for layout in ("tp2", "pp2"):
+        got = [r[layout] for r in results if r[layout] is not None]
+        assert got, layout
+        for logits in got:
+            diff = (logits - reference).abs().max().item()
+            print(f"{layout}: max logit diff vs transformers {diff:.2e}")
+            assert diff <= TOL, (layout, diff)
+
+
+def train_and_save(ckpt: str, tokens: torch.Tensor) -> dict:
+    """At TP=2: 3 optimizer steps from random init, then a checkpoint with optimizer state."""
+    import dataclasses
+
+    from phi4.convert.hf_config import model_config_dict
+    from phi4.model.build import build_phi4_model, transformer_config
+    from phi4.runtime.distributed import init_distributed
+    from phi4.train.checkpoint import save_model_checkpoint
+    from phi4.train.step import OptimSettings, build_optimizer, forward_logits, micro_batches_from_tokens, train_step, wrap_ddp
+
+    model = dataclasses.replace(tiny_model(**MODEL), init_std=0.2)  # logits of order 1 from random init
+    topology = TopologyConfig(tp=2)
+    init_distributed(model, topology, FP32, seed=11)
+    config = transformer_config(model, topology, FP32)
+    chunks = build_phi4_model(model, topology, FP32, config=config)
+    ddp = wrap_ddp(chunks, config)
+    optimizer = build_optimizer(ddp, config, OptimSettings(lr=1e-2))
+    rows = torch.randint(0, model.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        train_step(ddp, optimizer, micro_batches_from_tokens(rows, 2))
+    save_model_checkpoint(ddp, ckpt, {"phi4_model": model_config_dict(model)}, optimizer=optimizer)
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    logits = forward_logits(ddp, [dict(tokens=tokens, position_ids=positions)])
+    return dict(logits=logits[..., : model.vocab_size])
+
+
+def test_trained_tp2_checkpoint_converts_to_transformers(tmp_path):
+    from phi4.convert.convert import mcore_to_hf
+
+    ckpt = tmp_path / "trained"
+    results = run_ranks(train_and_save, 2, str(ckpt), TOKENS)
+    ours = results[0]["logits"]
+    assert ours.abs().max() > 1.0
+    assert torch.equal(results[0]["logits"], results[1]["logits"])
+    mcore_to_hf(ckpt, tmp_path / "hf", progress=False)  # optimizer state in the checkpoint is skipped
+    diff = (_hf_logits(tmp_path / "hf", TOKENS) - ours).abs().max().item()
+    print(f"trained at TP=2 -> transformers: max logit diff {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_exported_tokenizer(tmp_path):
+    """The produced directory's tokenizer gives PHI4.md's ids, agrees with phi4's own tokenizer on
+    many varied strings, and renders the Phi-4 chat format exactly."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from phi4.convert.tokenizer_export import write_tokenizer
+    from phi4.data.tokenizer import get_tokenizer
+
+    write_tokenizer(tmp_path, 16384)
+    assert "chat_template" in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert hf.encode("hello world") == [15339, 1917]
+    assert hf.encode("tiktoken is great!") == [83, 1609, 5963, 374, 2294, 0]
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (100257, 100265, 100349)
+    assert hf.convert_tokens_to_ids(["<|im_start|>", "<|im_sep|>", "<|endofprompt|>", "<|dummy_85|>"]) == [
+        100264, 100266, 100276, 100349]
+    messages = [{"role": "system", "content": "You are a tutor."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+    assert hf.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>system<|im_sep|>You are a tutor.<|im_end|><|im_start|>user<|im_sep|>2+2?<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>4<|im_end|>")
+    assert hf.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_end|><|im_start|>assistant<|im_sep|>")
+
+    ours = get_tokenizer()
+    rng = random.Random(0)
+    alphabet = list("abcXYZ019 \t\n\r.,;:'\"!?()[]{}-_/\\@#$%^&*+=<>|~`") + list("éßøЖщ中文字日本語한국어🙂🚀ـعربية") + [
+        "'s", "'ll", "  ", "\n\n", "1234567", "don't", "<|im_end|>"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        assert hf.encode(text) == ours.encode(text), repr(text)
+
+
+# --- bad input: one message, exit code 2, nothing left behind ----------------------------------
+
+
+def _convert(*args):
+    return subprocess.run([str(BIN / "phi4-convert"), *map(str, args), "--no-progress"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _nothing_left(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+def test_missing_shard(hf_dir, tmp_path):
+    src = _copy(hf_dir[0], tmp_path / "src")
+    shard = sorted(src.glob("*.safetensors"))[1]
+    shard.unlink()
+    out = _convert("hf-to-mcore", "--hf", src, "--out", tmp_path / "out")
+    assert out.returncode == 2
+    assert f"names shard(s) that are missing: {shard.name}" in out.stderr
+    _nothing_left(tmp_path / "out")
+
+
+def test_other_architecture(hf_dir, tmp_path):
+    src = _copy(hf_dir[0], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    (src / "config.json").write_text(json.dumps(config))
+    out = _convert("hf-to-mcore", "--hf", src, "--out", tmp_path / "out")
+    assert out.returncode == 2
+    assert "architectures=['LlamaForCausalLM'] model_type='llama'; valid: [Phi3ForCausalLM]" in out.stderr
+    _nothing_left(tmp_path / "out")
+
+
+def test_config_that_does_not_match_the_model(hf_dir, tmp_path):
+    out = _convert("hf-to-mcore", "--hf", hf_dir[0], "--out", tmp_path / "out", "--model", "phi4_tiny")
+    assert out.returncode == 2
+    assert "does not match the model config: vocab_size: 1000 in" in out.stderr and "100352 in the model config" in out.stderr
+    _nothing_left(tmp_path / "out")
+
+
+def test_shape_and_key_errors(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from phi4.convert.convert import hf_to_mcore
+    from phi4.errors import ConfigError
+
+    src = _copy(hf_dir[0], tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"model.layers.1.mlp.down_proj.weight has shape \(128, 447\), the config needs \(128, 448\)"):
+        hf_to_mcore(src, tmp_path / "out", progress=False)
+    _nothing_left(tmp_path / "out")
+
+    del tensors[name]
+    tensors["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(128)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"].pop(name)
+    index["weight_map"]["model.layers.1.self_attn.o_proj.bias"] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"missing 1 tensor\(s\), e.g. model.layers.1.mlp.down_proj.weight; "
+                                          r"1 unknown tensor\(s\), e.g. model.layers.1.self_attn.o_proj.bias"):
+        hf_to_mcore(src, tmp_path / "out", progress=False)
+    _nothing_left(tmp_path / "out")
+
+
+def test_truncated_shard(hf_dir, tmp_path):
+    src = _copy(hf_dir[0], tmp_path / "src")
+    shard = sorted(src.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    out = _convert("hf-to-mcore", "--hf", src, "--out", tmp_path / "out")
+    assert out.returncode == 2 and f"{shard.name}: truncated" in out.stderr
+    _nothing_left(tmp_path / "out")
+
+
+def test_existing_output_is_refused(hf_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    out = _convert("hf-to-mcore", "--hf", hf_dir[0], "--out", tmp_path / "out")
+    assert out.returncode == 2 and "already exists; choose another --out or pass --overwrite" in out.stderr
+
+
+def test_cli_verify_both_directions(hf_dir, tmp_path):
+    """--verify prints the largest logit difference; over the tolerance it exits 1 and writes nothing."""
+    out = _convert("hf-to-mcore", "--hf", hf_dir[0], "--out", tmp_path / "mc", "--verify")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "verify: largest logit difference" in out.stdout and ": ok" in out.stdout
+    out = _convert("mcore-to-hf", "--ckpt", tmp_path / "mc", "--out", tmp_path / "hf", "--verify", "--max-shard-size", "500KB")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ": ok" in out.stdout and (tmp_path / "hf" / "tokenizer.json").exists()
+    out = _convert("mcore-to-hf", "--ckpt", tmp_path / "mc", "--out", tmp_path / "strict", "--verify", "--tolerance", "0")
+    assert out.returncode == 1 and "FAILED" in out.stdout
+    _nothing_left(tmp_path / "strict")
