@@ -68,7 +68,7 @@ class _StreamedTensor:
 
 class _StreamingSavePlanner(DefaultSavePlanner):
     def __init__(self, on_write: Optional[Callable[[str, torch.Tensor], None]] = None):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False, dedup_replicated_tensors=False)
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.on_write = on_write
 
     def lookup_object(self, index: MetadataIndex):

@@ -94,14 +94,17 @@ class HFCheckpointReader:
         return end - begin
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor, read straight into its own buffer (no intermediate copy)."""
         path, info, data_start = self._where[name]
         begin, end = info["data_offsets"]
-        with path.open("rb") as f:
-            f.seek(data_start + begin)
-            data = bytearray(f.read(end - begin))
-        return torch.frombuffer(data, dtype=self.dtype(name)).reshape(info["shape"]) if data else torch.empty(
-            info["shape"], dtype=self.dtype(name)
-        )
+        out = torch.empty(info["shape"], dtype=self.dtype(name))
+        if end > begin:
+            with path.open("rb") as f:
+                f.seek(data_start + begin)
+                view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+                if f.readinto(view) != end - begin:
+                    raise ConfigError(f"{path}: truncated while reading {name}")
+        return out
 
 
 class ShardedSafetensorsWriter:
