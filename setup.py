@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4",
         "bpe-openai>=0.1",
         "tiktoken>=0.8",
+        "tensorboard>=2.14",
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.50,<6"],
@@ -31,6 +32,7 @@ setup(
         "console_scripts": [
             "phi4-train = phi4.train.main:main",
             "phi4-convert = phi4.convert.cli:main",
+            "phi4-data = phi4.data.cli:main",
         ]
     },
 )

@@ -13,12 +13,12 @@ import logging
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from phi4.errors import ConfigError
+from phi4.logs import quiet_dependencies
 
 CONF_MODEL_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -105,8 +105,7 @@ def run(argv=None) -> int:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_dependencies()
     try:
         code = run(argv)
     except ConfigError as err:

@@ -77,6 +77,12 @@ class TopologyConfig:
     vp: Optional[int] = None
     cp: int = 1
     sp: bool = False
+    nodes: Optional[int] = None  # the cluster this layout is for (documentation and a world-size check)
+    gpus_per_node: Optional[int] = None
+
+    @property
+    def world_size(self) -> Optional[int]:
+        return self.nodes * self.gpus_per_node if self.nodes and self.gpus_per_node else None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TopologyConfig":

@@ -9,6 +9,7 @@ reduced the same way, so it does not depend on how the batch is split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -108,14 +109,27 @@ def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
     """Forward and backward over the micro-batches, then one optimizer step.
 
     Returns `loss` (mean per token over the global batch; None off the last pipeline stage),
-    `grad_norm`, `update_successful`.
+    `grad_norm`, `update_successful` (False when the gradient norm was not finite: no update).
     """
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = _run_schedule(_forward_step, ddp_chunks, micro_batches, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm = _optimizer_step(optimizer)
     return {"loss": _mean_token_loss(reports), "grad_norm": grad_norm, "update_successful": update_successful}
+
+
+def _optimizer_step(optimizer) -> tuple[bool, Optional[float]]:
+    """Megatron-Core's optimizer step, split so that a non-finite gradient norm skips the update
+    (the norm is all-reduced, so every rank skips together)."""
+    if optimizer.prepare_grads():  # found inf/nan (fp16 loss scaling)
+        return False, None
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    if optimizer.config.clip_grad > 0:
+        optimizer.clip_grad_norm(optimizer.config.clip_grad)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def _mean_token_loss(reports: list[dict]) -> Optional[float]:

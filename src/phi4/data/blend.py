@@ -1,0 +1,141 @@
+"""Training and validation data: weighted blends of indexed datasets through Megatron-Core.
+
+`build_datasets` hands the configured sources and weights to Megatron-Core's
+BlendedMegatronDatasetBuilder, which builds one GPTDataset per source and split (sample, shuffle
+and document indices cached under `cache_dir`) and a BlendedDataset that draws each source in
+proportion to its weight. `GlobalBatches` walks the training samples in order from a count of
+consumed samples, so a resumed run continues with exactly the batch it would have seen next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from phi4.errors import ConfigError
+
+
+def _megatron_tokenizer():
+    """The Phi-4 tokenizer as the object Megatron-Core's datasets ask about (eod, pad, vocab size)."""
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    from phi4.data.tokenizer import Phi4Tokenizer, get_tokenizer
+
+    class Phi4MegatronTokenizer(MegatronTokenizerBase):
+        def __init__(self):
+            super().__init__(path="phi4", config={})
+            self._tok = get_tokenizer()
+            # Part of each dataset's cache key: a different tokenizer must not reuse the cache.
+            self.unique_identifiers = {"class": "Phi4Tokenizer", "ranks": "cl100k_base", "specials": "phi-4"}
+
+        def tokenize(self, text):
+            return self._tok.encode(text)
+
+        def detokenize(self, ids):
+            return self._tok.decode(ids)
+
+        def vocab(self):
+            return None
+
+        @property
+        def vocab_size(self):
+            return Phi4Tokenizer.vocab_size
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise NotImplementedError
+
+        @property
+        def eod(self):
+            return Phi4Tokenizer.eod_id
+
+        @property
+        def pad(self):
+            return Phi4Tokenizer.pad_id
+
+    return Phi4MegatronTokenizer()
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    path: str  # indexed dataset prefix: <path>.bin and <path>.idx
+    weight: float
+
+
+def check_sources(sources: list[Source]) -> None:
+    if not sources:
+        raise ConfigError("data.sources is empty; give at least one {name, path, weight}")
+    for s in sources:
+        missing = [suffix for suffix in (".bin", ".idx") if not Path(f"{s.path}{suffix}").is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.sources.{s.name}: {s.path}{' and '.join(missing)} not found; "
+                "make it with `phi4-data preprocess --output-prefix PATH`"
+            )
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources.{s.name}.weight={s.weight}: weights must be positive")
+
+
+def build_datasets(sources: list[Source], seq_length: int, train_samples: int, valid_samples: int, seed: int,
+                   split: str, cache_dir: str):
+    """(train, validation) datasets of `seq_length`-token samples blended by weight."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    check_sources(sources)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([s.path for s in sources], [float(s.weight) for s in sources]),
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=_megatron_tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal attention needs no mask tensor
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+def collate(samples: list[dict], micro_batch_size: int) -> list[dict]:
+    """Megatron-Core dataset samples -> the loop's micro-batches (tokens, labels, loss_mask, position_ids)."""
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    batches = []
+    for start in range(0, len(samples), micro_batch_size):
+        group = samples[start : start + micro_batch_size]
+        batches.append({k: torch.stack([torch.as_tensor(s[k]) for s in group]) for k in keys})
+    return batches
+
+
+class GlobalBatches:
+    """Global batch after global batch of sample indices, from `consumed` on; each data-parallel
+    rank takes its contiguous share."""
+
+    def __init__(self, dataset, global_batch_size: int, dp_rank: int, dp_size: int, consumed: int = 0):
+        if global_batch_size % dp_size:
+            raise ConfigError(f"train.global_batch_size={global_batch_size} does not split over {dp_size} data-parallel ranks")
+        self.dataset, self.gbs, self.dp_rank, self.dp_size = dataset, global_batch_size, dp_rank, dp_size
+        self.consumed = consumed
+
+    def next(self) -> list[dict]:
+        per_rank = self.gbs // self.dp_size
+        start = self.consumed + self.dp_rank * per_rank
+        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(per_rank)]
+        self.consumed += self.gbs
+        return samples
+
+
+def evaluation_samples(dataset, count: int, dp_rank: int, dp_size: int) -> Optional[list[dict]]:
+    """The first `count` validation samples (a fixed set, so validation losses compare), this rank's share."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    count = min(count, len(dataset)) // dp_size * dp_size
+    per = count // dp_size
+    return [dataset[dp_rank * per + i] for i in range(per)] if per else None

@@ -1,0 +1,121 @@
+"""JSONL -> Megatron-Core indexed dataset (`.bin`/`.idx`), tokenized in worker processes.
+
+One document a line: `{"text": "..."}` (the key is configurable). Each document is tokenized
+with the Phi-4 tokenizer and ended with `<|endoftext|>`. A line that is not valid JSON, is not
+an object, or lacks a string under the key is counted and reported by file and line number (the
+first few on the console, all of them in `<prefix>.bad_lines.txt`), never dropped silently. The
+`.bin`/`.idx` pair is written under temporary names and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy
+
+from phi4.errors import ConfigError
+
+_TEXT_KEY = "text"
+
+
+@dataclass
+class PreprocessReport:
+    documents: int = 0
+    tokens: int = 0
+    bad_lines: list[str] = field(default_factory=list)
+
+
+def _init_worker(text_key: str) -> None:
+    global _TEXT_KEY
+    _TEXT_KEY = text_key
+
+
+def _encode(item: tuple[str, int, str]) -> tuple[str, int, int, Optional[list[int]], Optional[str]]:
+    source, line_no, line = item
+    return (source, line_no, len(line.encode("utf-8"))) + _encode_line(line)
+
+
+def _encode_line(line: str) -> tuple[Optional[list[int]], Optional[str]]:
+    from phi4.data.tokenizer import get_tokenizer
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    text = record.get(_TEXT_KEY)
+    if not isinstance(text, str):
+        return None, f"no string under the key {_TEXT_KEY!r} (keys: {', '.join(sorted(record))[:80]})"
+    tok = get_tokenizer()
+    # Special-token strings in raw text stay text: a document cannot forge an end-of-document.
+    return tok.encode(text, allow_special=False) + [tok.eod_id], None
+
+
+def _lines(paths: Iterable[Path]) -> Iterator[tuple[str, int, str]]:
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield str(path), line_no, line
+
+
+def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", workers: int = 0,
+               progress: bool = True) -> PreprocessReport:
+    """Tokenize `inputs` into `<output_prefix>.bin` and `.idx`. `workers=0` uses every core."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    import torch
+    from tqdm import tqdm
+
+    missing = [str(p) for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"phi4-data preprocess: input file(s) not found: {', '.join(missing)}")
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_prefix.parent / f".{output_prefix.name}.partial-{os.getpid()}"
+    workers = workers or os.cpu_count() or 1
+    total_bytes = sum(Path(p).stat().st_size for p in inputs)
+    report = PreprocessReport()
+    builder = IndexedDatasetBuilder(f"{partial}.bin", dtype=numpy.int32)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+               disable=not progress, mininterval=1.0)
+    try:
+        # spawn, not fork: the caller may already run process-group threads (phi4-train does)
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (text_key,)) as pool:
+            for source, line_no, nbytes, ids, error in pool.imap(_encode, _lines(inputs), chunksize=64):
+                if ids is None:
+                    report.bad_lines.append(f"{source}:{line_no}: {error}")
+                else:
+                    builder.add_item(torch.tensor(ids, dtype=torch.int32))
+                    builder.end_document()
+                    report.documents += 1
+                    report.tokens += len(ids)
+                bar.update(nbytes)
+        builder.finalize(f"{partial}.idx")
+    except BaseException:
+        for suffix in (".bin", ".idx"):
+            Path(f"{partial}{suffix}").unlink(missing_ok=True)
+        raise
+    finally:
+        bar.update(total_bytes - bar.n)
+        bar.close()
+    if report.documents == 0:
+        for suffix in (".bin", ".idx"):
+            Path(f"{partial}{suffix}").unlink(missing_ok=True)
+        raise ConfigError(f"phi4-data preprocess: no valid documents in {', '.join(map(str, inputs))} "
+                          f"({len(report.bad_lines)} bad lines, e.g. {report.bad_lines[:1]})")
+    bad_path = Path(f"{output_prefix}.bad_lines.txt")
+    if report.bad_lines:
+        bad_path.write_text("\n".join(report.bad_lines) + "\n")
+    else:
+        bad_path.unlink(missing_ok=True)
+    for suffix in (".bin", ".idx"):
+        os.replace(f"{partial}{suffix}", f"{output_prefix}{suffix}")
+    return report

@@ -1,0 +1,252 @@
+"""The training loop: settings -> model, optimizer, data -> steps, metrics, checkpoints.
+
+A run lives in `run_dir`: it resumes from `run_dir/checkpoints/latest` when there is one, else
+starts from `checkpoint.load` (weights of a previous stage) or from scratch. SIGTERM or SIGUSR1
+(SLURM's warning before a time limit), or the wall-clock budget, saves a checkpoint and exits
+with EXIT_RESUMABLE so the job can be requeued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from phi4.errors import ConfigError
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+
+log = logging.getLogger("phi4.train")
+
+EXIT_RESUMABLE = 75  # stopped early with a checkpoint saved (signal, time budget): requeue to continue
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def settings(cfg: DictConfig) -> tuple[ModelConfig, TopologyConfig, PrecisionConfig]:
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True)
+
+    return (ModelConfig.from_dict(plain(cfg.model)), TopologyConfig.from_dict(plain(cfg.topology)),
+            PrecisionConfig.from_dict(plain(cfg.precision)))
+
+
+def total_steps(cfg: DictConfig) -> int:
+    t = cfg.train
+    if t.steps is not None:
+        return int(t.steps)
+    if t.token_budget is None:
+        raise ConfigError("set train.steps, or train.token_budget to derive it")
+    return math.ceil(float(t.token_budget) / (t.global_batch_size * t.seq_length))
+
+
+def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> None:
+    """The loop's own settings, checked before any process group exists."""
+    t, o = cfg.train, cfg.optim
+    if steps < 1:
+        raise ConfigError(f"train.steps={steps} must be at least 1")
+    if not 0 <= o.warmup_steps < steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be at least 0 and less than train.steps={steps}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x {dp} data-parallel ranks = {t.micro_batch_size * dp}"
+        )
+    if o.decay_style not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"optim.decay_style={o.decay_style!r}; valid: linear, cosine, constant")
+    if t.seq_length > model.max_position_embeddings:
+        raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+                          f"{model.max_position_embeddings}")
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; the loop acts on it between steps, on every rank together."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _prepare_data(cfg: DictConfig, rank: int):
+    from phi4.data.blend import Source
+
+    sources = [Source(s.name, str(s.path), float(s.weight)) for s in cfg.data.sources]
+    if cfg.data.get("synthetic") and rank == 0:
+        from phi4.data.corpus import ensure_synthetic_corpus
+
+        for s in sources:
+            ensure_synthetic_corpus(Path(s.path), cfg.data.synthetic.problems, cfg.data.synthetic.seed)
+    torch.distributed.barrier()
+    return sources
+
+
+def train(cfg: DictConfig) -> int:
+    """Run (or resume) the configured training; returns the process exit code."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches, init_num_microbatches_calculator
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from phi4.data.blend import GlobalBatches, build_datasets, collate, evaluation_samples
+    from phi4.model.build import build_phi4_model, model_summary, transformer_config
+    from phi4.model.validate import check_run
+    from phi4.runtime.distributed import init_distributed, shutdown
+    from phi4.runtime.launch_env import read_launch_env
+    from phi4.train.checkpoint import RunCheckpointer, latest_checkpoint, load_model_weights
+    from phi4.train.metrics import MetricsWriter, device_peak_tflops, flops_per_token, memory_gb
+    from phi4.train.step import OptimSettings, build_optimizer, evaluate_loss, train_step, wrap_ddp
+
+    model, topology, precision = settings(cfg)
+    launch = read_launch_env()
+    if topology.world_size and topology.world_size != launch.world_size:
+        raise ConfigError(f"topology.nodes x topology.gpus_per_node = {topology.world_size}, but "
+                          f"{launch.world_size} processes were started")
+    check_run(model, topology, precision, launch.world_size)
+    dp = topology.data_parallel_size(launch.world_size)
+    steps = total_steps(cfg)
+    check_training(cfg, dp, steps, model)
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+
+    init_distributed(model, topology, precision, seed=cfg.seed, launch=launch)
+    stop = _StopRequest()
+    started = time.monotonic()
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    sources = _prepare_data(cfg, rank)
+
+    config = transformer_config(model, topology, precision)
+    chunks = build_phi4_model(model, topology, precision, config=config)
+    ddp = wrap_ddp(chunks, config, t.overlap_grad_reduce, t.overlap_param_gather)
+    o = cfg.optim
+    optimizer = build_optimizer(ddp, config, OptimSettings(
+        lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=steps, wd_incr_style="constant")
+    init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
+
+    is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
+        and parallel_state.get_data_parallel_rank() == 0
+    metrics = MetricsWriter(run_dir, is_logger, t.tensorboard)
+    checkpointer = RunCheckpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    layout = dict(tp=topology.tp, pp=topology.pp, vp=topology.vp, cp=topology.cp, dp=dp)
+
+    step, consumed, skipped = 0, 0, 0
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        from megatron.core import dist_checkpointing
+
+        saved_layout = dist_checkpointing.load_common_state_dict(str(resume)).get("layout")
+        state = checkpointer.load(resume, ddp, optimizer, scheduler, same_layout=saved_layout == layout)
+        step, consumed, skipped = state["step"], state["consumed_samples"], state["skipped_steps"]
+        if is_logger:
+            log.info(f"resumed from {resume} at step {step} ({consumed} samples consumed; saved at {saved_layout})")
+    elif cfg.checkpoint.load:
+        load_model_weights(ddp, cfg.checkpoint.load)
+        if is_logger:
+            log.info(f"initialized from {cfg.checkpoint.load} (weights only)")
+    if is_logger:
+        log.info(model_summary(model, topology, chunks, f"dp={dp} | {steps} steps | run dir {run_dir.resolve()}"))
+
+    train_ds, valid_ds = build_datasets(sources, t.seq_length, steps * t.global_batch_size, max(t.eval_samples, 1),
+                                        cfg.seed, cfg.data.split, str(Path(cfg.data.cache_dir) / "index_cache"))
+    dp_rank = parallel_state.get_data_parallel_rank()
+    batches = GlobalBatches(train_ds, t.global_batch_size, dp_rank, dp, consumed)
+    valid = evaluation_samples(valid_ds, t.eval_samples, dp_rank, dp) if t.eval_every else None
+
+    def save(at_step: int):
+        extra = dict(step=at_step, consumed_samples=batches.consumed, skipped_steps=skipped, layout=layout,
+                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True), phi4_model=dataclasses.asdict(model))
+        return checkpointer.save(at_step, ddp, optimizer, scheduler, extra)
+
+    if step >= steps:
+        if is_logger:
+            log.info(f"nothing to do: {resume} is at step {step} of {steps}")
+        metrics.close()
+        shutdown()
+        return 0
+    flops_token = flops_per_token(model, t.seq_length)
+    peak = device_peak_tflops(t.peak_tflops)
+    tokens_per_step = t.global_batch_size * t.seq_length
+    in_a_row, window_start, window_steps, exit_code = 0, time.perf_counter(), 0, 0
+    while step < steps:
+        micro = collate(batches.next(), t.micro_batch_size)
+        assert len(micro) == get_num_microbatches()
+        result = train_step(ddp, optimizer, micro)
+        step += 1
+        window_steps += 1
+        if result["update_successful"]:
+            scheduler.step(increment=1)
+            in_a_row = 0
+        else:
+            skipped += 1
+            in_a_row += 1
+            if is_logger:
+                log.warning(f"step {step}: non-finite gradient norm ({result['grad_norm']}); update skipped")
+            if in_a_row >= t.max_nonfinite_in_a_row:
+                raise TrainingStopped(
+                    f"{in_a_row} steps in a row had a non-finite loss or gradient norm (train.max_nonfinite_in_a_row="
+                    f"{t.max_nonfinite_in_a_row}); stopping at step {step}. Lower optim.lr or check the data; "
+                    f"the last checkpoint is {latest_checkpoint(run_dir)}")
+        checkpointer.poll()
+
+        if step % t.log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            tflops = tokens_per_s * flops_token / launch.world_size / 1e12
+            if is_logger:  # the loss lives on the last pipeline stage
+                record = dict(step=step, loss=result["loss"], lr=optimizer.param_groups[0]["lr"],
+                              grad_norm=result["grad_norm"], tokens_per_s=tokens_per_s, tflops_per_gpu=tflops,
+                              mfu=tflops / peak if peak else None, memory_gb=memory_gb(), skipped_steps=skipped)
+                mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
+                metrics.write(record, f"step {step:>6}/{steps} | loss {result['loss']:.4f} | lr {record['lr']:.2e} | "
+                                      f"grad norm {result['grad_norm']:.3f} | {tokens_per_s:,.0f} tokens/s | "
+                                      f"{tflops:.2f} TFLOP/s/GPU | MFU {mfu} | mem {record['memory_gb']:.1f} GB")
+            window_start, window_steps = time.perf_counter(), 0
+        if valid and t.eval_every and (step % t.eval_every == 0 or step == steps):
+            val = evaluate_loss(ddp, collate(valid, t.micro_batch_size))
+            if is_logger:
+                metrics.write(dict(step=step, val_loss=val), f"step {step:>6}/{steps} | validation loss {val:.4f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+            save(step)
+        out_of_time = t.max_wall_minutes is not None and time.monotonic() - started > 60 * t.max_wall_minutes
+        interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < steps
+        if stop.agreed() or out_of_time or interval:
+            reason = stop.signal or (f"train.max_wall_minutes={t.max_wall_minutes}" if out_of_time
+                                     else f"train.exit_interval={t.exit_interval}")
+            directory = save(step)
+            checkpointer.wait()
+            if is_logger:
+                log.info(f"stopping at step {step} ({reason}); saved {directory}; exit {EXIT_RESUMABLE} to resume")
+            exit_code = EXIT_RESUMABLE
+            break
+    else:
+        directory = save(step)
+        checkpointer.wait()
+        if is_logger:
+            log.info(f"done: {steps} steps, final checkpoint {directory}; run dir {run_dir.resolve()}")
+    metrics.close()
+    shutdown()
+    return exit_code

@@ -1,0 +1,184 @@
+"""phi4-train end to end, as users run it (the console script, torchrun): the embedded default,
+exact resume (same layout and another), signals, a crash during a save, bad settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ROOT
+from multirank import free_port
+
+BIN = Path(sys.executable).parent
+EXIT_RESUMABLE = 75
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic corpus (and index cache) for every run of this module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def small(cache, *extra):
+    return ["train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
+            "train.eval_every=0", "train.tensorboard=false", "data.synthetic.problems=600",
+            f"data.cache_dir={cache}", "optim.warmup_steps=2", *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train(run_dir, *overrides, env=None, procs=1):
+    """Run to completion; output through files and the whole process group reaped, so a killed
+    run's helper processes (dist_checkpointing's writer) cannot hold the test up."""
+    if procs == 1:
+        cmd = [str(BIN / "phi4-train")]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(procs), "--master-port", str(free_port()), "launch/train.py"]
+    log = Path(run_dir).parent / f".{Path(run_dir).name}.{time.monotonic_ns()}.log"
+    with log.open("w+") as out:
+        proc = subprocess.Popen([*cmd, f"run_dir={run_dir}", *overrides], stdout=out, stderr=subprocess.STDOUT,
+                                text=True, cwd=ROOT, env=env or _env(), start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        text = out.read()
+    return subprocess.CompletedProcess(proc.args, code, stdout=text, stderr="")
+
+
+def losses(run_dir) -> dict:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def latest(run_dir) -> str:
+    return (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+
+
+def _ok(out):
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
+
+
+def test_default_run(tmp_path, cache):
+    """Loss falls, metrics and validation logged, checkpoints kept and pointed at, config saved."""
+    out = train(tmp_path, *small(cache, "train.steps=12", "train.log_every=4", "train.eval_every=6",
+                                 "checkpoint.every=4", "checkpoint.keep=2", "train.tensorboard=true"))
+    _ok(out)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [4, 8, 12]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "memory_gb"} <= set(train_records[0])
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.5
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert latest(tmp_path) == "step_0000012"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000008", "step_0000012"]
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 12 and saved["model"]["hidden_size"] == 128
+    assert list((tmp_path / "tensorboard").glob("events.*"))
+    assert str(tmp_path) in out.stdout + out.stderr  # the run directory is printed
+
+
+def test_exact_resume(tmp_path, cache):
+    """10 steps straight == 5 steps, then a new process resuming to 10: the same loss every step."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _ok(train(straight, *small(cache, "train.steps=10")))
+    first = train(resumed, *small(cache, "train.steps=10", "train.exit_interval=5"))
+    assert first.returncode == EXIT_RESUMABLE, first.stderr[-3000:]
+    assert latest(resumed) == "step_0000005"
+    second = train(resumed, *small(cache, "train.steps=10"))
+    _ok(second)
+    assert "resumed from" in second.stdout + second.stderr and "at step 5" in second.stdout + second.stderr
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert a == b, (a, b)
+
+
+def test_resume_under_another_layout(tmp_path, cache):
+    """Saved at TP=2, PP=1; resumed at TP=1, PP=2 (optimizer state included): losses within 1e-5."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _ok(train(straight, *small(cache, "train.steps=8", "topology.tp=2"), procs=2))
+    first = train(resumed, *small(cache, "train.steps=8", "topology.tp=2", "train.exit_interval=4"), procs=2)
+    # torchrun reports a worker's exit 75 as its own failure (1); srun passes 75 through.
+    assert first.returncode != 0 and "stopping at step 4" in first.stdout + first.stderr
+    assert latest(resumed) == "step_0000004"
+    _ok(train(resumed, *small(cache, "train.steps=8", "topology.pp=2"), procs=2))
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_sigterm_saves_and_exits_resumable(tmp_path, cache):
+    cmd = [str(BIN / "phi4-train"), f"run_dir={tmp_path}", *small(cache, "train.steps=500")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_RESUMABLE, output[-3000:]
+    reached = max(losses(tmp_path))
+    assert 3 <= reached < 500
+    assert latest(tmp_path) == f"step_{reached:07d}"
+    assert "SIGTERM" in output
+
+
+def test_crash_during_save_keeps_previous_latest(tmp_path, cache):
+    """SIGKILL after a checkpoint's data is written but before `latest` names it: the previous
+    checkpoint stays latest and the next run resumes from it."""
+    run = small(cache, "train.steps=9", "checkpoint.every=3")
+    killed = train(tmp_path, *run, env={**_env(), "PHI4_FAULT": "kill_before_publish:6"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "step_0000006").exists()  # written, never published
+    assert latest(tmp_path) == "step_0000003"
+    again = train(tmp_path, *run)
+    _ok(again)
+    assert "at step 3" in again.stdout + again.stderr
+    assert latest(tmp_path) == "step_0000009"
+
+
+def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
+    out = train(tmp_path, *small(cache, "train.steps=4", "topology.tp=2", "topology.sp=true"), procs=2)
+    _ok(out)
+    assert max(losses(tmp_path)) == 4 and "tp=2" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["topology.tp=3"], "topology.tp=3 does not divide the model evenly (model.num_query_groups=2, "
+                            "model.num_attention_heads=8, model.ffn_hidden_size=448); valid topology.tp: 1, 2"),
+        (["train.steps=4", "optim.warmup_steps=5"], "optim.warmup_steps=5 must be at least 0 and less than train.steps=4"),
+        (["train.global_batch_size=6"], "train.global_batch_size=6 is not a multiple of train.micro_batch_size=4"),
+        (["model=phi4_14b", "topology=h100_1920"], "topology.nodes x topology.gpus_per_node = 1920, but 1 processes were started"),
+    ],
+)
+def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
+    out = train(tmp_path, *overrides)
+    assert out.returncode == 2
+    text = out.stdout + out.stderr
+    assert message in text and "Traceback" not in text
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_unknown_override_is_hydras_error(tmp_path):
+    out = train(tmp_path, "train.stepz=3")
+    assert out.returncode != 0
+    assert "Could not override 'train.stepz'" in out.stdout and "Key 'stepz' is not in struct" in out.stdout
