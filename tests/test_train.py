@@ -124,8 +124,19 @@ def test_resume_under_another_layout(tmp_path, cache):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
+def test_overlapped_grad_reduce_and_param_gather(tmp_path, cache):
+    """DP=2 with the reduce-scatter and all-gather overlapped: the same losses as without."""
+    plain, overlapped = tmp_path / "plain", tmp_path / "overlapped"
+    _ok(train(plain, *small(cache, "train.steps=4"), procs=2))
+    _ok(train(overlapped, *small(cache, "train.steps=4", "train.overlap_grad_reduce=true",
+                                 "train.overlap_param_gather=true"), procs=2))
+    a, b = losses(plain), losses(overlapped)
+    assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+
+
 def test_sigterm_saves_and_exits_resumable(tmp_path, cache):
-    cmd = [str(BIN / "phi4-train"), f"run_dir={tmp_path}", *small(cache, "train.steps=500")]
+    """With the asynchronous writer: the checkpoint is finished and published before the exit."""
+    cmd = [str(BIN / "phi4-train"), f"run_dir={tmp_path}", *small(cache, "train.steps=500", "checkpoint.async_save=true")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -166,7 +177,7 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
         (["topology.tp=3"], "topology.tp=3 does not divide the model evenly (model.num_query_groups=2, "
                             "model.num_attention_heads=8, model.ffn_hidden_size=448); valid topology.tp: 1, 2"),
         (["train.steps=4", "optim.warmup_steps=5"], "optim.warmup_steps=5 must be at least 0 and less than train.steps=4"),
-        (["train.global_batch_size=6"], "train.global_batch_size=6 is not a multiple of train.micro_batch_size=4"),
+        (["train.global_batch_size=5"], "train.global_batch_size=5 is not a multiple of train.micro_batch_size=2"),
         (["model=phi4_14b", "topology=h100_1920"], "topology.nodes x topology.gpus_per_node = 1920, but 1 processes were started"),
     ],
 )
@@ -182,3 +193,13 @@ def test_unknown_override_is_hydras_error(tmp_path):
     out = train(tmp_path, "train.stepz=3")
     assert out.returncode != 0
     assert "Could not override 'train.stepz'" in out.stdout and "Key 'stepz' is not in struct" in out.stdout
+
+
+def test_start_from_another_checkpoint(tmp_path, cache):
+    """checkpoint.load: a new run starts from a previous stage's weights (fresh optimizer and data)."""
+    _ok(train(tmp_path / "first", *small(cache, "train.steps=4")))
+    out = train(tmp_path / "second", *small(cache, "train.steps=4",
+                                            f"checkpoint.load={tmp_path / 'first/checkpoints/step_0000004'}"))
+    _ok(out)
+    assert "initialized from" in out.stdout and "(weights only)" in out.stdout
+    assert losses(tmp_path / "second")[1] < losses(tmp_path / "first")[1] - 0.5  # it starts where the first left off

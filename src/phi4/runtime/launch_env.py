@@ -75,4 +75,14 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+    # Alone, the process is its own rendezvous: any free port, so two such runs never collide.
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -244,7 +244,8 @@ class RunCheckpointer:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.wait()
-        request = dist_checkpointing.save(state, str(directory), async_sharded_save=True)
+        # "mcore": Megatron-Core's own background writer ("nvrx" needs nvidia-resiliency-ext)
+        request = dist_checkpointing.save(state, str(directory), async_sharded_save=True, async_strategy="mcore")
         request.add_finalize_fn(lambda: self._finish(directory))
         self._queue = self._queue or AsyncCallsQueue()
         self._queue.schedule_async_request(request)

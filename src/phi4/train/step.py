@@ -66,8 +66,15 @@ def build_optimizer(ddp_chunks: list, config, settings: OptimSettings):
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    no_sync = [chunk.no_sync for chunk in ddp_chunks]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    def one_or_list(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    config.no_sync_func = one_or_list([chunk.no_sync for chunk in ddp_chunks])
+    ddp_config = ddp_chunks[0].ddp_config
+    if ddp_config.overlap_grad_reduce:  # the schedules start each chunk's reduce as its grads finish
+        config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in ddp_chunks])
+    if ddp_config.overlap_param_gather:  # the next step's forward waits on each bucket's all-gather
+        config.param_sync_func = one_or_list([chunk.start_param_sync for chunk in ddp_chunks])
     return optimizer
 
 
