@@ -14,22 +14,17 @@ import io
 import multiprocessing
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 
 import torch
 
+from phi4.runtime.launch_env import free_port
+
 
 class RankFailed(AssertionError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _encode(value) -> bytes:

@@ -105,7 +105,7 @@ def load_converted(ckpt: str, tokens: torch.Tensor) -> dict:
     from phi4.model.build import build_phi4_model
     from phi4.runtime.distributed import init_distributed, set_parallel_layout
     from phi4.train.checkpoint import load_model_weights
-    from phi4.train.step import forward_logits
+    from phi4.train.step import logits_of_tokens
 
     model = tiny_model(**MODEL)
     out = {}
@@ -116,8 +116,7 @@ def load_converted(ckpt: str, tokens: torch.Tensor) -> dict:
             set_parallel_layout(topology)
         chunks = build_phi4_model(model, topology, FP32)
         load_model_weights(chunks, ckpt)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-        logits = forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
+        logits = logits_of_tokens(chunks, tokens)
         last = parallel_state.is_pipeline_last_stage()
         out[name] = logits[..., : model.vocab_size] if last else None
     return out
@@ -135,37 +134,41 @@ def test_converted_checkpoint_matches_transformers_at_tp2_and_pp2(hf_dir, mcore_
             assert diff <= TOL, (layout, diff)
 
 
-def train_and_save(ckpt: str, tokens: torch.Tensor) -> dict:
-    """At TP=2: 3 optimizer steps from random init, then a checkpoint with optimizer state."""
+def train_and_save(run_dir: str, tokens: torch.Tensor) -> dict:
+    """At TP=2: 3 optimizer steps from random init, then the checkpoint phi4-train writes
+    (optimizer, scheduler and RNG state included)."""
     import dataclasses
 
-    from phi4.convert.hf_config import model_config_dict
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.runtime.distributed import init_distributed
-    from phi4.train.checkpoint import save_model_checkpoint
-    from phi4.train.step import OptimSettings, build_optimizer, forward_logits, micro_batches_from_tokens, train_step, wrap_ddp
+    from phi4.train.checkpoint import MODEL_CONFIG_KEY, RunCheckpointer
+    from phi4.train.step import OptimSettings, build_optimizer, logits_of_tokens, micro_batches_from_tokens, train_step, wrap_ddp
 
     model = dataclasses.replace(tiny_model(**MODEL), init_std=0.2)  # logits of order 1 from random init
     topology = TopologyConfig(tp=2)
     init_distributed(model, topology, FP32, seed=11)
     config = transformer_config(model, topology, FP32)
-    chunks = build_phi4_model(model, topology, FP32, config=config)
-    ddp = wrap_ddp(chunks, config)
+    ddp = wrap_ddp(build_phi4_model(model, topology, FP32, config=config), config)
     optimizer = build_optimizer(ddp, config, OptimSettings(lr=1e-2))
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=1e-2, max_lr=1e-2, min_lr=1e-2, lr_warmup_steps=0,
+                                        lr_decay_steps=3, lr_decay_style="constant", start_wd=0.1, end_wd=0.1,
+                                        wd_incr_steps=3, wd_incr_style="constant")
     rows = torch.randint(0, model.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
     for _ in range(3):
         train_step(ddp, optimizer, micro_batches_from_tokens(rows, 2))
-    save_model_checkpoint(ddp, ckpt, {"phi4_model": model_config_dict(model)}, optimizer=optimizer)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-    logits = forward_logits(ddp, [dict(tokens=tokens, position_ids=positions)])
-    return dict(logits=logits[..., : model.vocab_size])
+        scheduler.step(1)
+    directory = RunCheckpointer(run_dir, keep=1, async_save=False).save(
+        3, ddp, optimizer, scheduler, {"step": 3, MODEL_CONFIG_KEY: dataclasses.asdict(model)})
+    return dict(logits=logits_of_tokens(ddp, tokens)[..., : model.vocab_size], checkpoint=str(directory))
 
 
 def test_trained_tp2_checkpoint_converts_to_transformers(tmp_path):
     from phi4.convert.convert import mcore_to_hf
 
-    ckpt = tmp_path / "trained"
-    results = run_ranks(train_and_save, 2, str(ckpt), TOKENS)
+    results = run_ranks(train_and_save, 2, str(tmp_path / "run"), TOKENS)
+    ckpt = Path(results[0]["checkpoint"])
     ours = results[0]["logits"]
     assert ours.abs().max() > 1.0
     assert torch.equal(results[0]["logits"], results[1]["logits"])

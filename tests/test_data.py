@@ -56,7 +56,7 @@ def test_preprocess_missing_input(tmp_path):
 def test_blend_follows_weights(tmp_path):
     """3 sources weighted 0.5/0.3/0.2: over 12,000 samples each share within 0.01 of its weight."""
     from phi4.data.blend import Source, build_datasets
-    from phi4.data.cli import write_synthetic_jsonl
+    from phi4.data.synth import write_synthetic_jsonl
     from phi4.data.preprocess import preprocess
 
     sources = []

@@ -24,7 +24,7 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
     from phi4.model.build import build_phi4_model
     from phi4.model.hf_weights import load_hf_weights
     from phi4.runtime.distributed import init_distributed, set_parallel_layout
-    from phi4.train.step import forward_logits
+    from phi4.train.step import logits_of_tokens
 
     model = tiny_model(**MODEL)
     out = {}
@@ -35,8 +35,7 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
             set_parallel_layout(topology)
         chunks = build_phi4_model(model, topology, FP32)
         load_hf_weights(chunks, weights, model)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-        logits = forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
+        logits = logits_of_tokens(chunks, tokens)
         out[name] = dict(logits=logits, padded_vocab=model.padded_vocab_size(topology.tp),
                          tp_size=parallel_state.get_tensor_model_parallel_world_size(),
                          checkpoint_keys=sorted({getattr(v, "key", k) for k, v in chunks[0].sharded_state_dict().items()}))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from multirank import free_port
+from phi4.runtime.launch_env import free_port
 
 BIN = Path(sys.executable).parent
 EXIT_RESUMABLE = 75

@@ -10,6 +10,7 @@ when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -19,15 +20,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from phi4.convert.hf_config import check_same_model, generation_config, hf_config, model_config_dict, model_config_from_hf
+from phi4.convert.hf_config import check_same_model, generation_config, hf_config, model_config_from_hf
 from phi4.convert.mcore_checkpoint import CheckpointReader, CheckpointWriter
 from phi4.convert.safetensors_io import HFCheckpointReader, ShardedSafetensorsWriter
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig
 from phi4.model.hf_weights import checkpoint_layout, hf_shapes, hf_to_mcore_full, mcore_full_to_hf
+from phi4.train.checkpoint import MODEL_CONFIG_KEY
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
-COMMON_MODEL_KEY = "phi4_model"  # where a checkpoint's common state keeps the model config
 
 
 @contextlib.contextmanager
@@ -112,7 +113,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, model: Optional[ModelConfig] = None, dt
         writer.add(key, piece_shape, out_dtype, layer, model.num_layers, produce)
 
     bar = Progress(total, "hf -> mcore", progress)
-    common = {COMMON_MODEL_KEY: model_config_dict(model), "converted_from": str(hf_dir)}
+    common = {MODEL_CONFIG_KEY: dataclasses.asdict(model), "converted_from": str(hf_dir)}
     with atomic_directory(out, overwrite) as partial:
         writer.write(partial, common, on_write=lambda key, t: bar.add(t))
         bar.close()
@@ -122,7 +123,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, model: Optional[ModelConfig] = None, dt
 
 
 def checkpoint_model_config(reader: CheckpointReader) -> Optional[ModelConfig]:
-    values = reader.common_state().get(COMMON_MODEL_KEY)
+    values = reader.common_state().get(MODEL_CONFIG_KEY)
     return ModelConfig.from_dict(values) if values else None
 
 

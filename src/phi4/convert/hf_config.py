@@ -7,10 +7,8 @@ exact fields microsoft/phi-4 ships (PHI4.md), with the sizes of the converted mo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
 
 from phi4.data.tokenizer import Phi4Tokenizer
 from phi4.errors import ConfigError
@@ -125,10 +123,3 @@ def generation_config(model: ModelConfig) -> dict:
         "eos_token_id": _token_id(tok.eos_id, model),
         "pad_token_id": _token_id(tok.pad_id, model),
     }
-
-
-def model_config_dict(model: ModelConfig, backend: Optional[str] = None) -> dict:
-    values = dataclasses.asdict(model)
-    if backend:
-        values["backend"] = backend
-    return values

@@ -31,23 +31,17 @@ def megatron_logits(ckpt_dir: Path, model: ModelConfig, tokens: torch.Tensor) ->
     from phi4.model.build import build_phi4_model
     from phi4.model.config import PrecisionConfig, TopologyConfig
     from phi4.runtime.distributed import init_distributed, shutdown
-    from phi4.runtime.launch_env import LaunchEnv
+    from phi4.runtime.launch_env import read_launch_env
     from phi4.train.checkpoint import load_model_weights
-    from phi4.train.step import forward_logits
+    from phi4.train.step import logits_of_tokens
 
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     model = dataclasses.replace(model, backend="local")
     topology, precision = TopologyConfig(), PrecisionConfig(dtype="fp32")
-    init_distributed(model, topology, precision, launch=LaunchEnv(0, 1, 0, "127.0.0.1", port, "single"))
+    init_distributed(model, topology, precision, launch=read_launch_env({}))  # alone, on a free port
     try:
         chunks = build_phi4_model(model, topology, precision)
         load_model_weights(chunks, ckpt_dir)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-        logits = forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
+        logits = logits_of_tokens(chunks, tokens)
     finally:
         shutdown()
     return logits[..., : model.vocab_size]

@@ -7,26 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from phi4.errors import ConfigError
 from phi4.logs import quiet_dependencies
-
-
-def write_synthetic_jsonl(path: Path, count: int, seed: int) -> int:
-    """`count` arithmetic problems as JSONL: the document text, and the question and answer
-    separately for checkers (Pivotal Token Search)."""
-    from phi4.data.synth import generate
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w") as f:
-        for p in generate(count, seed):
-            f.write(json.dumps({"text": p.text(), "kind": p.kind, "question": p.question, "answer": p.answer}) + "\n")
-    partial.replace(path)
-    return count
 
 
 def main(argv=None) -> None:
@@ -46,6 +31,8 @@ def main(argv=None) -> None:
     quiet_dependencies()
     try:
         if args.command == "synth":
+            from phi4.data.synth import write_synthetic_jsonl
+
             write_synthetic_jsonl(args.out, args.count, args.seed)
             print(f"wrote {args.count} problems to {args.out}")
         else:

@@ -11,7 +11,7 @@ log = logging.getLogger("phi4.data")
 
 def ensure_synthetic_corpus(prefix: Path, problems: int, seed: int) -> Path:
     """`<prefix>.bin/.idx` of `problems` arithmetic problems; made once (atomically) if missing."""
-    from phi4.data.cli import write_synthetic_jsonl
+    from phi4.data.synth import write_synthetic_jsonl
     from phi4.data.preprocess import preprocess
 
     prefix = Path(prefix)

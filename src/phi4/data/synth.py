@@ -13,8 +13,10 @@ The kinds, each with its own wording and solution steps:
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
@@ -137,3 +139,15 @@ def generate(count: int, seed: int = 0) -> Iterator[Problem]:
     kinds = list(KINDS.values())
     for i in range(count):
         yield kinds[i % len(kinds)](rng)
+
+
+def write_synthetic_jsonl(path: Path, count: int, seed: int) -> int:
+    """`count` arithmetic problems as JSONL: the document text, and the question and answer
+    separately for checkers (Pivotal Token Search)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w") as f:
+        for p in generate(count, seed):
+            f.write(json.dumps({"text": p.text(), "kind": p.kind, "question": p.question, "answer": p.answer}) + "\n")
+    partial.replace(path)
+    return count

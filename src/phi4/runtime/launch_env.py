@@ -76,11 +76,12 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             launcher="slurm",
         )
     # Alone, the process is its own rendezvous: any free port, so two such runs never collide.
-    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else free_port()
     return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now."""
     import socket
 
     with socket.socket() as s:

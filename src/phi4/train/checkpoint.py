@@ -21,6 +21,7 @@ import torch
 from phi4.errors import ConfigError
 
 LATEST = "latest"
+MODEL_CONFIG_KEY = "phi4_model"  # the model config in a checkpoint's common state (phi4-convert reads it)
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -70,19 +71,6 @@ def load_model_weights(chunks: list, directory: str | Path) -> None:
     directory = Path(directory)
     _require_checkpoint(directory)
     _assign_model(chunks, _load(model_sharded_state_dict(chunks), directory), directory)
-
-
-def save_model_checkpoint(chunks: list, directory: str | Path, common: dict, optimizer=None) -> None:
-    """A torch_dist checkpoint of the model (and the optimizer's state, if given), with `common`
-    (plain values: the model config, the step) beside it. Collective: every rank calls it."""
-    from megatron.core import dist_checkpointing
-
-    state = model_sharded_state_dict(chunks, with_extra_state=True)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIM_METADATA)
-    state.update(common)
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(state, str(directory))
 
 
 # --- a training run's checkpoints ------------------------------------------------------------
@@ -267,13 +255,15 @@ class RunCheckpointer:
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
-    def load(self, directory: Path, chunks, optimizer, scheduler, same_layout: bool) -> dict:
-        """Restore everything saved; returns the checkpoint's plain values (step, data position...).
-        Under another layout the RNG states (per TP/PP rank) are re-seeded instead of restored."""
+    def load(self, directory: Path, chunks, optimizer, scheduler, layout: dict) -> dict:
+        """Restore everything saved; returns the checkpoint's plain values (step, data position,
+        the layout it was saved at...). Saved under another `layout`, the RNG states (one per
+        TP/PP rank) are left as seeded instead of restored."""
         from megatron.core import dist_checkpointing
 
         _require_checkpoint(directory)
         common = dist_checkpointing.load_common_state_dict(str(directory))
+        same_layout = common.get("layout") == layout
         state = self._state(chunks, optimizer, scheduler, {}, is_loading=True)
         state.pop("scheduler")
         if not same_layout:

@@ -77,8 +77,10 @@ class _StopRequest:
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal else 0.0])
+    def agreed(self, local_reason: bool = False) -> bool:
+        """True on every rank if any rank got a signal or has its own reason to stop (each rank
+        keeps its own clock): stopping means a collective save, so all ranks must agree."""
+        flag = torch.tensor([1.0 if self.signal or local_reason else 0.0])
         if torch.cuda.is_available():
             flag = flag.cuda()
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -109,7 +111,7 @@ def train(cfg: DictConfig) -> int:
     from phi4.model.validate import check_run
     from phi4.runtime.distributed import init_distributed, shutdown
     from phi4.runtime.launch_env import read_launch_env
-    from phi4.train.checkpoint import RunCheckpointer, latest_checkpoint, load_model_weights
+    from phi4.train.checkpoint import MODEL_CONFIG_KEY, RunCheckpointer, latest_checkpoint, load_model_weights
     from phi4.train.metrics import MetricsWriter, device_peak_tflops, flops_per_token, memory_gb
     from phi4.train.step import OptimSettings, build_optimizer, evaluate_loss, train_step, wrap_ddp
 
@@ -156,13 +158,10 @@ def train(cfg: DictConfig) -> int:
     step, consumed, skipped = 0, 0, 0
     resume = latest_checkpoint(run_dir)
     if resume is not None:
-        from megatron.core import dist_checkpointing
-
-        saved_layout = dist_checkpointing.load_common_state_dict(str(resume)).get("layout")
-        state = checkpointer.load(resume, ddp, optimizer, scheduler, same_layout=saved_layout == layout)
+        state = checkpointer.load(resume, ddp, optimizer, scheduler, layout)
         step, consumed, skipped = state["step"], state["consumed_samples"], state["skipped_steps"]
         if is_logger:
-            log.info(f"resumed from {resume} at step {step} ({consumed} samples consumed; saved at {saved_layout})")
+            log.info(f"resumed from {resume} at step {step} ({consumed} samples consumed; saved at {state['layout']})")
     elif cfg.checkpoint.load:
         load_model_weights(ddp, cfg.checkpoint.load)
         if is_logger:
@@ -178,7 +177,8 @@ def train(cfg: DictConfig) -> int:
 
     def save(at_step: int):
         extra = dict(step=at_step, consumed_samples=batches.consumed, skipped_steps=skipped, layout=layout,
-                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True), phi4_model=dataclasses.asdict(model))
+                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        extra[MODEL_CONFIG_KEY] = dataclasses.asdict(model)
         return checkpointer.save(at_step, ddp, optimizer, scheduler, extra)
 
     if step >= steps:
@@ -233,7 +233,7 @@ def train(cfg: DictConfig) -> int:
             save(step)
         out_of_time = t.max_wall_minutes is not None and time.monotonic() - started > 60 * t.max_wall_minutes
         interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < steps
-        if stop.agreed() or out_of_time or interval:
+        if stop.agreed(out_of_time) or interval:
             reason = stop.signal or (f"train.max_wall_minutes={t.max_wall_minutes}" if out_of_time
                                      else f"train.exit_interval={t.exit_interval}")
             directory = save(step)

@@ -127,15 +127,19 @@ def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
 
 
 def _optimizer_step(optimizer) -> tuple[bool, Optional[float]]:
-    """Megatron-Core's optimizer step, split so that a non-finite gradient norm skips the update
-    (the norm is all-reduced, so every rank skips together)."""
+    """Megatron-Core's optimizer step (prepare, norm, clip, update), split so that a non-finite
+    gradient norm skips the update: its own skip threshold compares `norm > threshold`, which a
+    NaN never satisfies. The norm is all-reduced, so every rank skips together; it is computed
+    once and the clipping reuses it."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
     if optimizer.prepare_grads():  # found inf/nan (fp16 loss scaling)
         return False, None
     grad_norm = optimizer.get_grad_norm()
     if not math.isfinite(grad_norm):
         return False, grad_norm
     if optimizer.config.clip_grad > 0:
-        optimizer.clip_grad_norm(optimizer.config.clip_grad)
+        clip_grad_by_total_norm_fp32(optimizer.get_parameters(), optimizer.config.clip_grad, grad_norm)
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
@@ -178,6 +182,12 @@ def forward_logits(chunks: list, micro_batches: list[dict]) -> Optional[torch.Te
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return torch.cat(list(outputs), dim=0)
+
+
+def logits_of_tokens(chunks: list, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """`forward_logits` of one [batch, seq] batch of token ids at positions 0..seq-1."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+    return forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
 
 
 def micro_batches_from_tokens(tokens: torch.Tensor, micro_batch_size: int) -> list[dict]:
