@@ -35,6 +35,14 @@ def _fp8_settings(precision: PrecisionConfig) -> dict:
     return settings
 
 
+def _recompute_settings(recompute: str) -> dict:
+    if recompute == "selective":  # Megatron-Core's default selective set: core attention
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":  # every layer: keep its input, recompute the layer in the backward
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
+
+
 def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig):
     """Megatron-Core's TransformerConfig for Phi-4: RMSNorm, SwiGLU, no biases, GQA, dropout as
     configured (0 for Phi-4), init std 0.02, loss summed per token (averaged by the loop)."""
@@ -82,6 +90,7 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         batch_p2p_comm=not on_cpu,
         # Free each pipeline stage's output once sent (Megatron-LM's default).
         deallocate_pipeline_outputs=True,
+        **_recompute_settings(topology.recompute),
         **_fp8_settings(precision),
     )
 

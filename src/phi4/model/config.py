@@ -79,6 +79,9 @@ class TopologyConfig:
     sp: bool = False
     nodes: Optional[int] = None  # the cluster this layout is for (documentation and a world-size check)
     gpus_per_node: Optional[int] = None
+    # Activation recomputation: none; selective (core attention recomputed in the backward
+    # pass); full (every layer keeps only its input and recomputes the rest).
+    recompute: str = "none"
 
     @property
     def world_size(self) -> Optional[int]:

@@ -15,6 +15,7 @@ BACKENDS = ("local", "te")
 DTYPES = ("fp32", "bf16")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+RECOMPUTE = ("none", "selective", "full")
 
 
 def _divisors(n: int) -> list[int]:
@@ -75,13 +76,15 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
         raise ConfigError(
             f"model.num_layers={model.num_layers} does not split into topology.pp={topology.pp} x "
             f"topology.vp={topology.vp} = {stages} equal pipeline stages; "
-            f"valid topology.pp with this vp: {_listing(valid)}"
+            f"valid topology.pp with this vp: {_listing(valid) or 'none (change topology.vp)'}"
         )
     if topology.cp > 1 and model.backend != "te":
         raise ConfigError(
             f"topology.cp={topology.cp} needs model.backend=te (context-parallel attention exists only "
             f"in Transformer Engine); with model.backend={model.backend} valid topology.cp: 1"
         )
+    if topology.recompute not in RECOMPUTE:
+        raise ConfigError(f"topology.recompute={topology.recompute!r}; valid: {_listing(RECOMPUTE)}")
     if topology.sp and topology.tp < 2:
         raise ConfigError(
             f"topology.sp=true needs topology.tp > 1 (got topology.tp={topology.tp}); "

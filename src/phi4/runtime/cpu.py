@@ -216,6 +216,13 @@ def activate() -> None:
     # The RNG tracker's seeding calls torch.cuda.manual_seed; on the CPU the CPU generator is seeded.
     cuda.manual_seed = _returns(None)
     cuda.manual_seed_all = _returns(None)
+    # Activation recomputation saves and restores "the CUDA generator" around each checkpointed
+    # region; on the CPU the CPU generator (restored by the same code) is the one that drew.
+    cuda.random.get_rng_state = _returns(torch.get_rng_state)
+    cuda.get_rng_state = cuda.random.get_rng_state
+    # Its setter queues a callback for when CUDA initialises, which never happens here: drop it
+    # rather than let the queue grow by one state per recomputed layer.
+    mcore_random._lazy_call = _returns(None)
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

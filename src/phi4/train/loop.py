@@ -112,7 +112,8 @@ def train(cfg: DictConfig) -> int:
     from phi4.runtime.distributed import init_distributed, shutdown
     from phi4.runtime.launch_env import read_launch_env
     from phi4.train.checkpoint import MODEL_CONFIG_KEY, RunCheckpointer, latest_checkpoint, load_model_weights
-    from phi4.train.metrics import MetricsWriter, device_peak_tflops, flops_per_token, memory_gb
+    from phi4.model.flops import flops_per_token
+    from phi4.train.metrics import MetricsWriter, device_peak_tflops, memory_gb
     from phi4.train.step import OptimSettings, build_optimizer, evaluate_loss, train_step, wrap_ddp
 
     model, topology, precision = settings(cfg)

@@ -10,23 +10,11 @@ from typing import Optional
 
 import torch
 
-from phi4.model.config import ModelConfig
 
 log = logging.getLogger("phi4.train")
 
 # Dense BF16 peak TFLOP/s by device name (FP8 doubles it).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-
-
-def flops_per_token(model: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward): 6 x the matmul parameters
-    (the output projection included, the embedding lookup not), plus causal attention's
-    scores and weighted sum, 6 x layers x seq x hidden (halved for causality from 12)."""
-    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    kv = model.num_query_groups * model.head_dim
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
-    matmul_params = L * per_layer + model.vocab_size * h
-    return 6.0 * matmul_params + 6.0 * L * seq_length * h
 
 
 def device_peak_tflops(configured: Optional[float]) -> Optional[float]:
