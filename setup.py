@@ -33,6 +33,7 @@ setup(
             "phi4-train = phi4.train.main:main",
             "phi4-convert = phi4.convert.cli:main",
             "phi4-data = phi4.data.cli:main",
+            "phi4-plan = phi4.plan.cli:main",
         ]
     },
 )

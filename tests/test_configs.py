@@ -26,8 +26,9 @@ def test_every_stage_composes(stage):
     assert total_steps(cfg) >= 1
 
 
-def test_phi4_pretraining_on_1920_h100s():
-    cfg = _compose("stage=pretrain", "model=phi4_14b", "topology=h100_1920", "precision=fp8", "data=phi4_pretrain")
+@pytest.mark.parametrize("topology, precision", [("h100_1920", "bf16"), ("h100_1920_fp8", "fp8")])
+def test_phi4_pretraining_on_1920_h100s(topology, precision):
+    cfg = _compose("stage=pretrain", "model=phi4_14b", f"topology={topology}", f"precision={precision}", "data=phi4_pretrain")
     model, topology, precision = settings(cfg)
     assert topology.world_size == 1920 == topology.tp * topology.pp * topology.cp * topology.data_parallel_size(1920)
     check_run(model, topology, precision, world_size=1920)

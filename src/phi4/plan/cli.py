@@ -1,0 +1,171 @@
+"""phi4-plan: does a layout fit, how long is a step, how many days is the stage.
+
+    phi4-plan [--json] [--search] [OVERRIDE ...]
+
+Takes phi4-train's Hydra config (conf/plan.yaml composes train.yaml with the hardware group), so
+the same overrides apply: `topology=...`, `topology.tp=4`, `stage=...`, `precision=fp8`,
+`train.micro_batch_size=2`, `hardware=h200`, `plan.gpus=512`, `plan.mfu=0.25`.
+Exit status: 0, or 2 for a configuration error (one message naming the setting).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from phi4.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+USAGE = "usage: phi4-plan [--json] [--search] [OVERRIDE ...]   (e.g. topology.tp=4 hardware=h200 plan.mfu=0.25)"
+
+
+def compose(overrides: list[str]) -> dict:
+    """The composed config as a plain dict; Hydra's own errors become ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose("plan", overrides=overrides)
+        return OmegaConf.to_container(cfg, resolve=False)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"invalid override: {_one_line(str(error))}") from error
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line messages in one line: the options it lists, not its search path."""
+    message = message.split("\nConfig search path")[0]
+    head, _, options = message.partition("\nAvailable options in")
+    parts = [line.strip() for line in head.splitlines() if line.strip()]
+    if options:
+        group, _, listed = options.partition(":")
+        parts.append(f"available in{group}: " + ", ".join(o.strip() for o in listed.split() if o.strip()))
+    return "; ".join(parts)
+
+
+def _gb(value: float) -> str:
+    return f"{value:6.1f} GB"
+
+
+def format_plan(plan: dict) -> str:
+    lay, mem, comm = plan["layout"], plan["memory"], plan["comm"]
+    lines = [
+        f"layout   tp={lay['tp']} pp={lay['pp']} vp={lay['vp']} cp={lay['cp']} dp={lay['dp']} sp={lay['sp']} "
+        f"recompute={lay['recompute']}  on {lay['gpus']} x {lay['hardware']}",
+        f"batch    {lay['global_batch_size']} x {lay['seq_length']} tokens per step; micro-batch {lay['micro_batch_size']}, "
+        f"{lay['micro_batches']} micro-batches per replica; {lay['dtype']}{' + FP8' if lay['fp8'] else ''}",
+        "",
+        f"memory per GPU (pipeline rank {mem['pp_rank']}, the fullest of {len(mem['per_pp_rank_gb'])})",
+        f"  weights            {_gb(mem['weights_gb'])}",
+        f"  gradients (fp32)   {_gb(mem['grads_gb'])}",
+        f"  optimizer shard    {_gb(mem['optimizer_gb'])}",
+    ]
+    if lay["fp8"]:
+        lines.append(f"  FP8 weight copies  {_gb(mem['fp8_gb'])}")
+    lines += [
+        f"  activations        {_gb(mem['activations_gb'])}   ({mem['in_flight_micro_batches']} micro-batch(es) x stages in "
+        f"flight: {mem['activations_stored_gb']:.1f} GB, working set {mem['activations_transient_gb']:.1f} GB)",
+        f"  total              {_gb(plan['memory_gb_per_gpu'])}   of {mem['capacity_gb']:.1f} GB usable: "
+        f"{'fits' if mem['fits'] else 'DOES NOT FIT'}",
+        "",
+        "per step",
+        f"  model FLOPs        {plan['flops']['model_tflop_per_step']:,.0f} TFLOP ({plan['flops']['gflop_per_token']:.1f} GFLOP "
+        f"a token, attention included); with recomputation {plan['flops']['hardware_tflop_per_step']:,.0f}",
+        f"  compute            {plan['compute_s']:.3f} s on the slowest stage "
+        f"(at {plan['assumptions']['gemm_efficiency']:.0%} of peak)",
+        f"  pipeline bubble    {plan['bubble_fraction']:.1%}",
+    ]
+    for name, label in (("tp", "tensor parallel"), ("cp", "context parallel"), ("pp", "pipeline sends"), ("dp", "data parallel")):
+        c = comm[name]
+        if c["gb_per_step"]:
+            lines.append(f"  {label:18s} {c['gb_per_step']:8.2f} GB over {c['link']:6s} {c['seconds']:.3f} s, exposed {c['exposed_s']:.3f} s")
+    lines += [
+        f"  step time          {plan['estimated_step_time_s']:.3f} s estimated -> MFU {plan['estimated_mfu']:.1%} "
+        f"(of the bf16 dense peak)",
+    ]
+    if plan["mfu_given"]:
+        lines.append(f"  at the given MFU   {plan['mfu_given']:.1%}: step {plan['step_time_s']:.3f} s")
+    lines.append(f"  throughput         {plan['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
+                 f"{plan['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU")
+    if plan["days"] is not None:
+        lines.append(f"stage    {plan['steps']:,.0f} steps, {plan['tokens'] / 1e9:,.0f}B tokens: {plan['days']:.1f} days")
+    return "\n".join(lines)
+
+
+def _row(layout: dict) -> str:
+    return (f"tp={layout['tp']:<2} pp={layout['pp']:<2} vp={str(layout['vp']):<4} cp={layout['cp']:<2} "
+            f"dp={str(layout['dp']):<5} mbs={layout['micro_batch_size']} recompute={layout['recompute']:<9}")
+
+
+def format_search(result: dict, top: int, show_rejected: bool) -> str:
+    valid, rejected = result["valid"], result["rejected"]
+    lines = [f"{len(valid)} layouts fit, {len(rejected)} rejected; fastest first:", ""]
+    lines.append(f"{'#':>3}  {'layout':<62} {'memory':>8} {'step':>8} {'MFU':>6} {'days':>6}")
+    for i, plan in enumerate(valid[:top], 1):
+        days = f"{plan['estimated_step_time_s'] * plan['steps'] / 86400:6.1f}" if plan["steps"] else "     -"
+        lines.append(f"{i:>3}  {_row(plan['layout']):<62} {plan['memory_gb_per_gpu']:6.1f}GB "
+                     f"{plan['estimated_step_time_s']:7.3f}s {plan['estimated_mfu']:6.1%} {days}")
+    lines.append("")
+    if show_rejected:
+        lines.append("rejected:")
+        lines += [f"  {_row(r['layout'])}  {r['reason']}" for r in rejected]
+    else:
+        kinds: dict[str, list] = {}
+        for r in rejected:
+            kinds.setdefault(r["kind"], []).append(r)
+        lines.append("rejected, by reason, with one example each (plan.show_rejected=true lists every layout):")
+        for kind, rows in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"  {len(rows):6d}  {kind}: e.g. {_row(rows[0]['layout']).strip()}: {rows[0]['reason']}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> int:
+    from phi4.plan.estimate import estimate
+    from phi4.plan.hardware import HardwareConfig
+    from phi4.plan.search import check_layout, search
+    from phi4.plan.spec import from_config
+
+    flags = [a for a in argv if a.startswith("--")]
+    overrides = [a for a in argv if not a.startswith("--")]
+    unknown = sorted(set(flags) - {"--json", "--search", "--help"})
+    if "--help" in flags:
+        print(__doc__.strip())
+        return 0
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; {USAGE}")
+    cfg = compose(overrides)
+    options = cfg["plan"]
+    hardware = HardwareConfig.from_dict(cfg["hardware"])
+    spec = from_config(cfg, options["gpus"])
+    margin = float(options["memory_margin"])
+    if "--search" in flags:
+        def progress(i):
+            print(f"phi4-plan: {i} layouts checked", file=sys.stderr, flush=True)
+
+        result = search(spec, hardware, options["micro_batch_sizes"], options["recompute"], margin, progress)
+        if "--json" in flags:
+            print(json.dumps(result))
+        else:
+            print(format_search(result, int(options["top"]), bool(options["show_rejected"])))
+        return 0
+    check_layout(spec)
+    plan = estimate(spec, hardware, options["mfu"], margin)
+    print(json.dumps(plan) if "--json" in flags else format_plan(plan))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as error:
+        print(f"phi4-plan: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""phi4-plan against reality and against the model card.
+
+Memory: one 2-rank launch builds the tiny model under several layouts with Megatron-Core DDP and
+the distributed optimizer, takes a training step, and measures what was allocated: the weight and
+gradient buffers and the optimizer state must equal the planner's bytes exactly; the peak of a
+forward-backward (CPU allocator, through torch.profiler) must be within 20% of the planner's
+activation estimate. Layouts are chosen so that different terms dominate: the loss's logits
+(last stages), the embedding gradient, the layers' saved activations (long sequences on the first
+pipeline stage), recomputation, sequence parallelism, bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import ROOT, TopologyConfig, tiny_model, token_rows
+from multirank import run_ranks
+from phi4.model.config import PrecisionConfig
+from phi4.plan import memory
+from phi4.plan.cli import main as plan_main
+from phi4.plan.spec import PlanSpec
+
+ACTIVATION_TOLERANCE = 0.20
+
+# name: (topology, dtype, seq, micro-batch, global batch over 2 ranks)
+LAYOUTS = {
+    "dp2": (TopologyConfig(), "fp32", 64, 2, 8),
+    "dp2_bf16": (TopologyConfig(), "bf16", 64, 2, 8),
+    "tp2_sp": (TopologyConfig(tp=2, sp=True), "fp32", 128, 2, 4),
+    "pp2_vp2": (TopologyConfig(pp=2, vp=2), "fp32", 128, 2, 8),
+    "pp2_full": (TopologyConfig(pp=2, recompute="full"), "fp32", 256, 4, 16),
+    "pp2_long": (TopologyConfig(pp=2), "fp32", 256, 4, 16),
+    "pp2_long_selective": (TopologyConfig(pp=2, recompute="selective"), "fp32", 256, 4, 16),
+}
+
+
+def _spec(topology, dtype, seq, mbs, gbs) -> PlanSpec:
+    return PlanSpec(tiny_model(), topology, PrecisionConfig(dtype=dtype), 2, seq, mbs, gbs)
+
+
+def measure_layouts(layouts: dict, backend: str = "local") -> dict:
+    from megatron.core import parallel_state
+
+    from memory_probe import activation_peak, static_bytes
+    from phi4.model.build import build_phi4_model, transformer_config
+    from phi4.runtime.distributed import init_distributed, seed_all, set_parallel_layout
+    from phi4.train.step import (OptimSettings, _forward_step, _run_schedule, build_optimizer,
+                                 data_parallel_slice, micro_batches_from_tokens, train_step, wrap_ddp)
+
+    model = tiny_model(backend=backend)
+    results = {}
+    for i, (name, (topology, dtype, seq, mbs, gbs)) in enumerate(layouts.items()):
+        precision = PrecisionConfig(dtype=dtype)
+        if i == 0:
+            init_distributed(model, topology, precision)
+        else:
+            set_parallel_layout(topology)
+            seed_all(1234)
+        config = transformer_config(model, topology, precision)
+        ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config)
+        optimizer = build_optimizer(ddp, config, OptimSettings())
+        batches = micro_batches_from_tokens(data_parallel_slice(token_rows(model, gbs, seq)), mbs)
+        first = train_step(ddp, optimizer, batches)  # Adam's state exists from the first step on
+        second = train_step(ddp, optimizer, batches)
+
+        def forward_backward():
+            for chunk in ddp:
+                chunk.zero_grad_buffer()
+            _run_schedule(_forward_step, ddp, batches, forward_only=False)
+
+        results[name] = dict(
+            static=static_bytes(ddp, optimizer),
+            peak=activation_peak(forward_backward),
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            losses=(first["loss"], second["loss"]),
+        )
+        del ddp, optimizer
+    return results
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return run_ranks(measure_layouts, 2, LAYOUTS, timeout=600)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_memory_model_meets_megatron(measured, name):
+    spec = _spec(*LAYOUTS[name])
+    for rank in measured:
+        got = rank[name]
+        planned = memory.static_memory(spec, got["pp_rank"], got["dp_rank"])
+        assert got["static"] == dict(params=planned.params, grads=planned.grads, optimizer=planned.optimizer), (
+            f"{name} rank pp{got['pp_rank']}/dp{got['dp_rank']}")
+        estimate = memory.activation_memory(spec, got["pp_rank"], gloo=True).total
+        assert abs(estimate - got["peak"]) <= ACTIVATION_TOLERANCE * got["peak"], (
+            f"{name} pp rank {got['pp_rank']}: estimated {estimate / 1e6:.2f} MB, measured {got['peak'] / 1e6:.2f} MB")
+
+
+def test_recomputation_changes_memory_not_numbers(measured):
+    """Selective and full recomputation train exactly as no recomputation does (fp32, dropout 0)."""
+    last = measured[1]
+    reference = last["pp2_long"]["losses"]
+    assert None not in reference
+    for name in ("pp2_long_selective", "pp2_full"):
+        assert last[name]["losses"] == pytest.approx(reference, abs=1e-6)
+    assert last["pp2_full"]["peak"] < last["pp2_long"]["peak"]
+
+
+def test_layer_activations_dominate_somewhere(measured):
+    """The layouts really test the layers' term, not only the logits and embedding gradient."""
+    spec = _spec(*LAYOUTS["pp2_long"])
+    act = memory.activation_memory(spec, 0)
+    assert act.stored > act.transient
+
+
+def test_buffer_layout_is_megatron_cores():
+    """Padding and bucketing against Megatron-Core's own layout function, on awkward sizes."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    g = torch.Generator().manual_seed(0)
+    numels = [int(n) for n in torch.randint(1, 5000, (40,), generator=g)]
+    params = [torch.nn.Parameter(torch.empty(n)) for n in numels]
+    for dp in (1, 3, 8, 240):
+        for bucket_size in (None, 7000, 20000):
+            config = DistributedDataParallelConfig(use_distributed_optimizer=True)
+            reference = DistributedOptimizer._compute_per_buffer_param_layout(params, bucket_size, dp, config)
+            ours = memory.buffer_layout(numels, bucket_size, dp)
+            assert ours.buckets == list(reference.bucket_indices)
+            assert ours.param_ranges == [reference.param_index_map[p][:2] for p in reversed(params)]
+
+
+def test_flops_per_token_counts_hf_linears():
+    """6 x the weights of every matmul of transformers' Phi3ForCausalLM (embedding excluded) plus
+    causal attention's 6 x layers x seq x hidden."""
+    from helpers import phi3_reference
+    from phi4.model.flops import flops_per_token
+
+    model = tiny_model()
+    hf = phi3_reference(model)
+    linear = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))
+    seq = 128
+    assert flops_per_token(model, seq) == 6 * linear + 6 * model.num_layers * seq * model.hidden_size
+
+
+def _plan_json(capsys, *args) -> dict:
+    assert plan_main(["--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_model_card_21_days_at_25_percent_mfu(capsys):
+    """1920 H100s, 9.8T tokens, 21 days [MC]: given 25% MFU the planner's days agree within 10%."""
+    plan = _plan_json(capsys, "plan.mfu=0.25", "train.token_budget=9.8e12")
+    assert plan["layout"]["gpus"] == 1920
+    assert abs(plan["days"] - 21) <= 0.1 * 21
+    for key in ("memory_gb_per_gpu", "step_time_s", "mfu", "tokens_per_s_per_gpu", "days"):
+        assert isinstance(plan[key], float)
+    assert plan["mfu"] == pytest.approx(0.25)
+    # 2.8k tokens/s per GPU, the model card's derived rate (PHI4.md "Compute")
+    assert plan["tokens_per_s_per_gpu"] == pytest.approx(9.8e12 / (21 * 86400 * 1920), rel=0.1)
+
+
+CLUSTER_LAYOUTS = [
+    ("h100_1920", ["stage=pretrain", "precision=bf16"]),
+    ("h100_1920_fp8", ["stage=pretrain", "precision=fp8"]),
+    ("h100_1920_midtrain", ["stage=midtrain", "precision=bf16"]),
+]
+
+
+@pytest.mark.parametrize("topology, overrides", CLUSTER_LAYOUTS)
+def test_cluster_layouts_are_the_planners_best(capsys, topology, overrides):
+    plan = _plan_json(capsys, f"topology={topology}", *overrides)
+    assert plan["memory"]["fits"]
+    result = _plan_json(capsys, "--search", f"topology={topology}", *overrides)
+    best = result["valid"][0]
+    assert math.isclose(plan["estimated_step_time_s"], best["estimated_step_time_s"], rel_tol=1e-9), (
+        f"{topology}: {plan['estimated_step_time_s']:.4f} s, the search's best {best['layout']} "
+        f"{best['estimated_step_time_s']:.4f} s")
+
+
+def test_search_says_why_each_layout_is_rejected(capsys):
+    result = _plan_json(capsys, "--search")
+    rejected = result["rejected"]
+    assert rejected and all(r["reason"] for r in rejected)
+    by_layout = {(r["layout"]["tp"], r["layout"]["pp"], r["layout"]["vp"], r["layout"]["cp"],
+                  r["layout"]["micro_batch_size"], r["layout"]["recompute"]): r for r in rejected}
+    tp4 = by_layout[(4, 1, None, 1, 1, "none")]
+    assert "topology.tp=4" in tp4["reason"] and "valid topology.tp: 1, 2, 5, 10" in tp4["reason"]
+    no_parallel = by_layout[(1, 1, None, 1, 1, "none")]  # 14.7B weights + fp32 grads on one GPU
+    assert no_parallel["kind"] == "memory" and "GB usable" in no_parallel["reason"]
+    times = [round(p["estimated_step_time_s"], 6) for p in result["valid"]]
+    assert times == sorted(times) and all(p["memory"]["fits"] for p in result["valid"])
+
+
+def test_text_report(capsys):
+    assert plan_main([]) == 0
+    out = capsys.readouterr().out
+    for text in ("weights", "gradients", "optimizer shard", "activations", "pipeline bubble",
+                 "tensor parallel", "data parallel", "step time", "days"):
+        assert text in out
+    assert plan_main(["--search", "plan.top=3"]) == 0
+    out = capsys.readouterr().out
+    assert " 1  tp=" in out and " 4  tp=" not in out and "rejected, by reason" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["topology.tp=4"], "topology.tp=4 does not divide the model evenly"),
+    (["train.global_batch_size=5761"], "train.global_batch_size=5761 is not a multiple"),
+    (["topology.tpp=2"], "invalid override"),
+    (["hardware=a100"], "invalid override"),
+    (["hardware.matmul_efficiency=1.5"], "hardware.matmul_efficiency=1.5"),
+    (["--searhc"], "unknown option(s) --searhc"),
+])
+def test_bad_input_is_one_clear_error(capsys, args, message):
+    assert plan_main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_tiny_plan_matches_the_cpu_layouts(capsys):
+    """The planner works for the embedded default too (the CPU hardware group)."""
+    plan = _plan_json(capsys, "model=phi4_tiny", "topology=cpu", "stage=tiny", "precision=fp32",
+                      "hardware=cpu", "plan.gpus=2")
+    spec = PlanSpec(tiny_model(), TopologyConfig(), PrecisionConfig("fp32"), 2, 64, 2, 4)
+    assert plan["memory"]["weights_gb"] * 1e9 == pytest.approx(memory.static_memory(spec).params)
+
+
+@pytest.mark.gpu
+def test_memory_model_meets_megatron_on_gpu():
+    """The te spec in bf16 on one GPU: static bytes exact, the activation peak within 20%."""
+    layouts = {"te_bf16": (TopologyConfig(), "bf16", 256, 2, 4)}
+    got = run_ranks(measure_layouts, 1, layouts, "te", timeout=600)[0]["te_bf16"]
+    topology, dtype, seq, mbs, gbs = layouts["te_bf16"]
+    spec = PlanSpec(tiny_model(backend="te"), topology, PrecisionConfig(dtype=dtype), 1, seq, mbs, gbs)
+    planned = memory.static_memory(spec)
+    assert got["static"] == dict(params=planned.params, grads=planned.grads, optimizer=planned.optimizer)
+    estimate = memory.activation_memory(spec).total
+    assert abs(estimate - got["peak"]) <= ACTIVATION_TOLERANCE * got["peak"], (estimate, got["peak"])
+
+
+def test_readme_has_the_plans():
+    readme = (ROOT / "README.md").read_text()
+    for command in ("phi4-plan", "phi4-plan topology=h100_1920_fp8 precision=fp8",
+                    "phi4-plan stage=midtrain topology=h100_1920_midtrain"):
+        assert command in readme
