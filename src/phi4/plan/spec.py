@@ -6,7 +6,6 @@ layout search (`dataclasses.replace` of one field at a time).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -48,9 +47,6 @@ class PlanSpec:
         if self.token_budget:
             return self.token_budget / self.tokens_per_step
         return None
-
-    def with_topology(self, **changes) -> "PlanSpec":
-        return dataclasses.replace(self, topology=dataclasses.replace(self.topology, **changes))
 
 
 def world_size_of(topology: TopologyConfig, override: Optional[int]) -> int:
