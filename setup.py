@@ -22,6 +22,8 @@ setup(
         "bpe-openai>=0.1",
         "tiktoken>=0.8",
         "tensorboard>=2.14",
+        "hydra-submitit-launcher>=1.2,<1.3",  # hydra/launcher=slurm sweeps
+        "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.50,<6"],
@@ -34,6 +36,7 @@ setup(
             "phi4-convert = phi4.convert.cli:main",
             "phi4-data = phi4.data.cli:main",
             "phi4-plan = phi4.plan.cli:main",
+            "phi4-pts = phi4.posttrain.pts_cli:main",
         ]
     },
 )

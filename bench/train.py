@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def bench_loader(cache: Path, samples: int, seq: int, micro_batch: int) -> float:
-    from phi4.data.blend import GlobalBatches, Source, build_datasets, collate
+    from phi4.data.blend import GlobalBatches, Source, build_datasets
+    from phi4.data.formats import Collate
     from phi4.data.corpus import ensure_synthetic_corpus
 
     prefix = ensure_synthetic_corpus(cache / "synthetic" / "bench", 10000, 0)
@@ -32,7 +33,7 @@ def bench_loader(cache: Path, samples: int, seq: int, micro_batch: int) -> float
     batches = GlobalBatches(train, 64, 0, 1)
     started = time.perf_counter()
     for _ in range(samples // 64):
-        collate(batches.next(), micro_batch)
+        Collate(micro_batch)(batches.next())
     return (samples // 64) * 64 * seq / (time.perf_counter() - started)
 
 

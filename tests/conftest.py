@@ -25,3 +25,19 @@ def pytest_collection_modifyitems(config, items):
             reason = reason or _gpu_missing()
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private single-node SLURM cluster (munged, slurmctld, slurmd) for the whole session; see
+    tests/slurm_cluster.py. Skips where SLURM is not installed or the tests do not run as root."""
+    from slurm_cluster import SlurmCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()  # raises with the logs' tails
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

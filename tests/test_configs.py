@@ -1,6 +1,5 @@
 """Every configuration the stages use composes with Hydra, and the cluster layout validates."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

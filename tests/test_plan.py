@@ -48,7 +48,7 @@ def measure_layouts(layouts: dict, backend: str = "local") -> dict:
     from memory_probe import activation_peak, static_bytes
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.runtime.distributed import init_distributed, seed_all, set_parallel_layout
-    from phi4.train.step import (OptimSettings, _forward_step, _run_schedule, build_optimizer,
+    from phi4.train.step import (OptimSettings, lm_forward_step, run_schedule, build_optimizer,
                                  data_parallel_slice, micro_batches_from_tokens, train_step, wrap_ddp)
 
     model = tiny_model(backend=backend)
@@ -70,7 +70,7 @@ def measure_layouts(layouts: dict, backend: str = "local") -> dict:
         def forward_backward():
             for chunk in ddp:
                 chunk.zero_grad_buffer()
-            _run_schedule(_forward_step, ddp, batches, forward_only=False)
+            run_schedule(lm_forward_step, ddp, batches, forward_only=False)
 
         results[name] = dict(
             static=static_bytes(ddp, optimizer),

@@ -23,7 +23,7 @@ def nan_gradient_step():
     healthy = train_step(ddp, optimizer, batches)
 
     before = [p.detach().clone() for p in ddp[0].parameters()]
-    original = step_module._run_schedule
+    original = step_module.run_schedule
 
     def poisoned(*args, **kwargs):  # a NaN gradient on TP rank 0 only
         out = original(*args, **kwargs)
@@ -31,9 +31,9 @@ def nan_gradient_step():
             next(ddp[0].parameters()).main_grad.view(-1)[0] = float("nan")
         return out
 
-    step_module._run_schedule = poisoned
+    step_module.run_schedule = poisoned
     skipped = train_step(ddp, optimizer, batches)
-    step_module._run_schedule = original
+    step_module.run_schedule = original
     unchanged = all(torch.equal(a, b) for a, b in zip(before, ddp[0].parameters()))
     after = train_step(ddp, optimizer, batches)
     return dict(healthy=healthy["update_successful"], skipped=skipped["update_successful"],

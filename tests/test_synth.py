@@ -3,7 +3,9 @@
 import re
 from fractions import Fraction
 
-from phi4.data.synth import KINDS, generate
+import pytest
+
+from phi4.data.synth import KINDS, WORD_PROBLEMS, chat_record, generate
 
 
 def test_deterministic_for_a_seed():
@@ -12,7 +14,18 @@ def test_deterministic_for_a_seed():
 
 
 def test_every_kind_appears():
-    assert {p.kind for p in generate(len(KINDS) * 2)} == set(KINDS)
+    assert {p.kind for p in generate(len(KINDS) * 2)} == set(WORD_PROBLEMS)  # the default mix
+    assert {p.kind for p in generate(len(KINDS) * 2, kinds=list(KINDS))} == set(KINDS)
+    with pytest.raises(ValueError, match="valid kinds"):
+        list(generate(1, kinds=["nope"]))
+
+
+def test_small_sums_as_conversations():
+    problems = list(generate(200, seed=2, kinds=["small_sum"]))
+    assert {p.answer for p in problems} == set(range(9))
+    record = chat_record(problems[0])
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert record["messages"][1]["content"].endswith(f"Answer: {problems[0].answer}")
 
 
 def _check(problem) -> bool:
@@ -35,6 +48,9 @@ def _check(problem) -> bool:
     if problem.kind == "sequence":
         count, a, b, _ = n
         return count * (2 * a + (count - 1) * (b - a)) / 2 == problem.answer
+    if problem.kind == "small_sum":
+        a, b = n
+        return a + b == problem.answer
     if problem.kind == "ages":
         ratio, years, total = n
         child = Fraction(total - 2 * years, ratio + 1)
@@ -43,7 +59,7 @@ def _check(problem) -> bool:
 
 
 def test_answers_are_correct():
-    problems = list(generate(600, seed=11))
+    problems = list(generate(700, seed=11, kinds=list(KINDS)))
     wrong = [p for p in problems if not _check(p)]
     assert not wrong, wrong[:3]
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
+from phi4.errors import ConfigError
 from phi4.runtime.launch_env import free_port
 
 BIN = Path(sys.executable).parent
@@ -94,10 +95,17 @@ def test_default_run(tmp_path, cache):
     assert str(tmp_path) in out.stdout + out.stderr  # the run directory is printed
 
 
-def test_exact_resume(tmp_path, cache):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+    """10 uninterrupted fp32 steps: the reference of the resume and bf16 tests."""
+    run = tmp_path_factory.mktemp("straight")
+    _ok(train(run, *small(cache, "train.steps=10")))
+    return run
+
+
+def test_exact_resume(tmp_path, cache, straight):
     """10 steps straight == 5 steps, then a new process resuming to 10: the same loss every step."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _ok(train(straight, *small(cache, "train.steps=10")))
+    resumed = tmp_path / "resumed"
     first = train(resumed, *small(cache, "train.steps=10", "train.exit_interval=5"))
     assert first.returncode == EXIT_RESUMABLE, first.stderr[-3000:]
     assert latest(resumed) == "step_0000005"
@@ -182,10 +190,24 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
     ],
 )
 def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
-    out = train(tmp_path, *overrides)
+    """Each raises before any process group or file exists (in this process: no launch needed)."""
+    from hydra import compose, initialize_config_dir
+
+    from phi4.train.loop import train as run_training
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=[*overrides, f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg)
+    assert message in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_setting_is_one_line_and_exit_2(tmp_path):
+    out = train(tmp_path, "topology.tp=3")
     assert out.returncode == 2
     text = out.stdout + out.stderr
-    assert message in text and "Traceback" not in text
+    assert "error: topology.tp=3 does not divide the model evenly" in text and "Traceback" not in text
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
 
 
@@ -195,21 +217,10 @@ def test_unknown_override_is_hydras_error(tmp_path):
     assert "Could not override 'train.stepz'" in out.stdout and "Key 'stepz' is not in struct" in out.stdout
 
 
-def test_start_from_another_checkpoint(tmp_path, cache):
-    """checkpoint.load: a new run starts from a previous stage's weights (fresh optimizer and data)."""
-    _ok(train(tmp_path / "first", *small(cache, "train.steps=4")))
-    out = train(tmp_path / "second", *small(cache, "train.steps=4",
-                                            f"checkpoint.load={tmp_path / 'first/checkpoints/step_0000004'}"))
-    _ok(out)
-    assert "initialized from" in out.stdout and "(weights only)" in out.stdout
-    assert losses(tmp_path / "second")[1] < losses(tmp_path / "first")[1] - 0.5  # it starts where the first left off
-
-
-def test_bf16_tracks_fp32(tmp_path, cache):
+def test_bf16_tracks_fp32(tmp_path, cache, straight):
     """precision=bf16 (bf16 weights and activations, fp32 master weights in the distributed
     optimizer) follows the fp32 run: within 1% of its loss at every step, both falling."""
-    _ok(train(tmp_path / "fp32", *small(cache, "train.steps=10")))
     _ok(train(tmp_path / "bf16", *small(cache, "train.steps=10", "precision=bf16")))
-    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    a, b = losses(straight), losses(tmp_path / "bf16")
     assert b[10] < b[1] - 1.0
     assert all(abs(a[s] - b[s]) <= 0.01 * a[s] for s in a), (a, b)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from phi4.errors import ConfigError
 
@@ -102,16 +101,6 @@ def build_datasets(sources: list[Source], seq_length: int, train_samples: int, v
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
     return train, valid
-
-
-def collate(samples: list[dict], micro_batch_size: int) -> list[dict]:
-    """Megatron-Core dataset samples -> the loop's micro-batches (tokens, labels, loss_mask, position_ids)."""
-    keys = ("tokens", "labels", "loss_mask", "position_ids")
-    batches = []
-    for start in range(0, len(samples), micro_batch_size):
-        group = samples[start : start + micro_batch_size]
-        batches.append({k: torch.stack([torch.as_tensor(s[k]) for s in group]) for k in keys})
-    return batches
 
 
 class GlobalBatches:

@@ -2,6 +2,7 @@
 
     phi4-data synth --count N [--seed S] --out problems.jsonl
     phi4-data preprocess --input a.jsonl [b.jsonl ...] --output-prefix data/web [--text-key text] [--workers N]
+    phi4-data chat --input chats.jsonl [...] --output-prefix data/sft --seq-length 4096
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ from pathlib import Path
 
 from phi4.errors import ConfigError
 from phi4.logs import quiet_dependencies
+
+
+def _report_bad_lines(prefix: Path, bad_lines: list[str]) -> None:
+    if bad_lines:
+        shown = "\n  ".join(bad_lines[:10])
+        more = f"\n  ... all {len(bad_lines)} in {prefix}.bad_lines.txt" if len(bad_lines) > 10 else ""
+        print(f"skipped {len(bad_lines)} bad line(s):\n  {shown}{more}", file=sys.stderr)
 
 
 def main(argv=None) -> None:
@@ -27,6 +35,10 @@ def main(argv=None) -> None:
     p.add_argument("--text-key", default="text")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("chat", help="chat JSONL ({'messages': [...]}) -> packed SFT rows with a loss mask")
+    c.add_argument("--input", type=Path, nargs="+", required=True)
+    c.add_argument("--output-prefix", type=Path, required=True)
+    c.add_argument("--seq-length", type=int, required=True, help="train.seq_length of the SFT run")
     args = parser.parse_args(argv)
     quiet_dependencies()
     try:
@@ -35,15 +47,20 @@ def main(argv=None) -> None:
 
             write_synthetic_jsonl(args.out, args.count, args.seed)
             print(f"wrote {args.count} problems to {args.out}")
+        elif args.command == "chat":
+            from phi4.data.chat import pack_chat
+
+            report = pack_chat(args.input, args.output_prefix, args.seq_length)
+            print(f"wrote {args.output_prefix}.bin/.idx (+ loss mask): {report.conversations} conversations in "
+                  f"{report.packs} rows of {args.seq_length + 1} tokens ({report.fill:.0%} filled, "
+                  f"{report.loss_tokens} of {report.tokens} tokens carry loss)")
+            _report_bad_lines(args.output_prefix, report.bad_lines)
         else:
             from phi4.data.preprocess import preprocess
 
             report = preprocess(args.input, args.output_prefix, args.text_key, args.workers, not args.no_progress)
             print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens")
-            if report.bad_lines:
-                shown = "\n  ".join(report.bad_lines[:10])
-                more = f"\n  ... all {len(report.bad_lines)} in {args.output_prefix}.bad_lines.txt" if len(report.bad_lines) > 10 else ""
-                print(f"skipped {len(report.bad_lines)} bad line(s):\n  {shown}{more}", file=sys.stderr)
+            _report_bad_lines(args.output_prefix, report.bad_lines)
     except ConfigError as err:
         print(f"phi4-data: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -8,7 +8,8 @@ The kinds, each with its own wording and solution steps:
 - distance from speed and time, over two legs of a trip,
 - a price after a percentage discount,
 - the sum of an arithmetic sequence,
-- an age puzzle with a ratio.
+- an age puzzle with a ratio,
+- small sums (not in the default mix: the tiny post-training chain's checkable task).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
 
@@ -123,6 +124,13 @@ def _ages(rng: random.Random) -> Problem:
     )
 
 
+def _small_sum(rng: random.Random) -> Problem:
+    """The sum of two numbers from 0 to 4: easy enough that the tiny CPU model solves some of it
+    after a minute of SFT, which the post-training chain's tests need (0 < p(success) < 1)."""
+    a, b = rng.randint(0, 4), rng.randint(0, 4)
+    return Problem("small_sum", f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b)
+
+
 KINDS: dict[str, Callable[[random.Random], Problem]] = {
     "consecutive_evens": _consecutive_evens,
     "rectangle": _rectangle,
@@ -130,24 +138,39 @@ KINDS: dict[str, Callable[[random.Random], Problem]] = {
     "discount": _discount,
     "sequence": _sequence,
     "ages": _ages,
+    "small_sum": _small_sum,
 }
+WORD_PROBLEMS = tuple(k for k in KINDS if k != "small_sum")  # the default mix (the pre-training corpus)
 
 
-def generate(count: int, seed: int = 0) -> Iterator[Problem]:
+def generate(count: int, seed: int = 0, kinds: Sequence[str] = WORD_PROBLEMS) -> Iterator[Problem]:
     """`count` problems, kinds taken in turn, numbers drawn from a generator seeded by `seed`."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"problem kinds {list(kinds)}: valid kinds are {', '.join(KINDS)}")
     rng = random.Random(seed)
-    kinds = list(KINDS.values())
+    makers = [KINDS[k] for k in kinds]
     for i in range(count):
-        yield kinds[i % len(kinds)](rng)
+        yield makers[i % len(makers)](rng)
 
 
-def write_synthetic_jsonl(path: Path, count: int, seed: int) -> int:
-    """`count` arithmetic problems as JSONL: the document text, and the question and answer
-    separately for checkers (Pivotal Token Search)."""
+def chat_record(problem: Problem) -> dict:
+    """The problem as an SFT conversation whose answer a checker can read (`Answer: N`)."""
+    return {"messages": [{"role": "user", "content": problem.question},
+                         {"role": "assistant", "content": f"{problem.solution}\nAnswer: {problem.answer}"}],
+            "kind": problem.kind, "question": problem.question, "answer": problem.answer}
+
+
+def write_synthetic_jsonl(path: Path, count: int, seed: int, kinds: Sequence[str] = WORD_PROBLEMS,
+                          chat: bool = False) -> int:
+    """`count` arithmetic problems as JSONL: the document text (or, with `chat`, the conversation),
+    and the question and answer separately for checkers (Pivotal Token Search)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     with partial.open("w") as f:
-        for p in generate(count, seed):
-            f.write(json.dumps({"text": p.text(), "kind": p.kind, "question": p.question, "answer": p.answer}) + "\n")
+        for i, p in enumerate(generate(count, seed, kinds)):
+            record = chat_record(p) if chat else {"text": p.text(), "kind": p.kind, "question": p.question,
+                                                  "answer": p.answer}
+            f.write(json.dumps({"id": i, **record}) + "\n")
     partial.replace(path)
     return count

@@ -21,6 +21,7 @@ import torch
 from phi4.errors import ConfigError
 
 LATEST = "latest"
+FINAL = "final"  # names the checkpoint a finished run ended with: what the next stage starts from
 MODEL_CONFIG_KEY = "phi4_model"  # the model config in a checkpoint's common state (phi4-convert reads it)
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -66,11 +67,55 @@ def _require_checkpoint(directory: Path) -> None:
         raise ConfigError(f"{directory} is not a Megatron-Core torch_dist checkpoint (no .metadata)")
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory: then its final checkpoint (a stage starts
+    from the previous stage's run directory, whose final checkpoint exists only once it ends)."""
+    path = Path(path)
+    pointer = path / "checkpoints" / FINAL
+    if (path / "checkpoints").is_dir():
+        if not pointer.exists():
+            latest = path / "checkpoints" / LATEST
+            at = f"its latest checkpoint is {latest.read_text().strip()}" if latest.exists() else "it has no checkpoint"
+            raise ConfigError(f"{path} is a run that has not finished (no checkpoints/{FINAL}); {at}")
+        path = pointer.parent / pointer.read_text().strip()
+    _require_checkpoint(path)
+    return path
+
+
+def checkpoint_common_state(directory: str | Path) -> dict:
+    """The plain values saved with a checkpoint (step, config, model config, fingerprints...)."""
+    from megatron.core import dist_checkpointing
+
+    directory = resolve_checkpoint(directory)
+    return dist_checkpointing.load_common_state_dict(str(directory))
+
+
 def load_model_weights(chunks: list, directory: str | Path) -> None:
-    """Weights only, into any layout; optimizer and FP8 scaling state in the checkpoint are ignored."""
-    directory = Path(directory)
-    _require_checkpoint(directory)
+    """Weights only, into any layout; optimizer and FP8 scaling state in the checkpoint are ignored.
+    `directory` may be a run directory (its final checkpoint)."""
+    directory = resolve_checkpoint(directory)
     _assign_model(chunks, _load(model_sharded_state_dict(chunks), directory), directory)
+
+
+def weights_fingerprint(chunks: list) -> list[float]:
+    """[sum, sum of squares] of every weight of the model, each counted once across tensor- and
+    pipeline-parallel ranks (fp64): the same on every rank, and equal for equal weights in any
+    layout up to rounding. Collective over the model-parallel group."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    from phi4.model.build import unwrap
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for chunk in chunks:
+        for param in unwrap(chunk).parameters():
+            if param_is_not_tensor_parallel_duplicate(param):
+                p = param.detach().double()
+                total += torch.stack([p.sum(), (p * p).sum()]).cpu()
+    if torch.cuda.is_available():
+        total = total.cuda()
+    torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return total.tolist()
 
 
 # --- a training run's checkpoints ------------------------------------------------------------
@@ -137,12 +182,19 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return target
 
 
-def _publish(run_dir: Path, directory: Path, keep: int) -> None:
-    """Point `latest` at `directory` (atomically), then delete all but the newest `keep`."""
-    root = Path(run_dir) / "checkpoints"
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+def _point(root: Path, name: str, directory: Path) -> None:
+    tmp = root / f".{name}.tmp-{os.getpid()}"
     tmp.write_text(directory.name + "\n")
-    os.replace(tmp, root / LATEST)
+    os.replace(tmp, root / name)
+
+
+def _publish(run_dir: Path, directory: Path, keep: int, final: bool = False) -> None:
+    """Point `latest` (and for the run's last step `final`) at `directory` (atomically), then
+    delete all but the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    _point(root, LATEST, directory)
+    if final:
+        _point(root, FINAL, directory)
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     complete = [p for p in steps if p.name <= directory.name]
     for old in complete[: max(len(complete) - keep, 0)]:
@@ -215,8 +267,9 @@ class RunCheckpointer:
         state.update(extra)
         return state
 
-    def save(self, step: int, chunks, optimizer, scheduler, extra: dict) -> Path:
-        """Collective. `extra`: plain values (data position, config). Returns the directory."""
+    def save(self, step: int, chunks, optimizer, scheduler, extra: dict, final: bool = False) -> Path:
+        """Collective. `extra`: plain values (data position, config); `final`: the run's last
+        checkpoint, which `checkpoints/final` will name. Returns the directory."""
         from megatron.core import dist_checkpointing
 
         directory = checkpoint_dir(self.run_dir, step)
@@ -227,23 +280,23 @@ class RunCheckpointer:
         state = self._state(chunks, optimizer, scheduler, extra, is_loading=False)
         if not self.async_save:
             dist_checkpointing.save(state, str(directory))
-            self._finish(directory)
+            self._finish(directory, final)
             return directory
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.wait()
         # "mcore": Megatron-Core's own background writer ("nvrx" needs nvidia-resiliency-ext)
         request = dist_checkpointing.save(state, str(directory), async_sharded_save=True, async_strategy="mcore")
-        request.add_finalize_fn(lambda: self._finish(directory))
+        request.add_finalize_fn(lambda: self._finish(directory, final))
         self._queue = self._queue or AsyncCallsQueue()
         self._queue.schedule_async_request(request)
         return directory
 
-    def _finish(self, directory: Path) -> None:
+    def _finish(self, directory: Path, final: bool) -> None:
         torch.distributed.barrier()  # every rank's shards are on disk
         _fault_point(directory)
         if torch.distributed.get_rank() == 0:
-            _publish(self.run_dir, directory, self.keep)
+            _publish(self.run_dir, directory, self.keep, final)
         torch.distributed.barrier()
 
     def poll(self) -> None:

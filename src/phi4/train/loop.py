@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -66,16 +65,19 @@ def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> 
                           f"{model.max_position_embeddings}")
 
 
-class _StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; the loop acts on it between steps, on every rank together."""
+class StopRequest:
+    """SIGTERM / SIGUSR1 set a flag (phi4.runtime.signals); the loop acts on it between steps, on
+    every rank together."""
 
     def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        from phi4.runtime import signals
 
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        signals.install()  # already done by the entry points; here for callers of train()
+        self._signals = signals
+
+    @property
+    def signal(self):
+        return self._signals.received()
 
     def agreed(self, local_reason: bool = False) -> bool:
         """True on every rank if any rank got a signal or has its own reason to stop (each rank
@@ -87,17 +89,41 @@ class _StopRequest:
         return bool(flag.item())
 
 
-def _prepare_data(cfg: DictConfig, rank: int):
-    from phi4.data.blend import Source
+OBJECTIVES = {"lm": ("gpt", "packed_chat"), "dpo": ("preference",)}  # and the data formats each reads
 
-    sources = [Source(s.name, str(s.path), float(s.weight)) for s in cfg.data.sources]
-    if cfg.data.get("synthetic") and rank == 0:
-        from phi4.data.corpus import ensure_synthetic_corpus
 
-        for s in sources:
-            ensure_synthetic_corpus(Path(s.path), cfg.data.synthetic.problems, cfg.data.synthetic.seed)
-    torch.distributed.barrier()
-    return sources
+def check_objective(cfg: DictConfig) -> str:
+    from phi4.data.formats import data_format
+
+    objective = cfg.train.get("objective", "lm")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective={objective!r}; valid: {', '.join(OBJECTIVES)}")
+    fmt = data_format(cfg.data)
+    if fmt not in OBJECTIVES[objective]:
+        raise ConfigError(f"train.objective={objective} reads data.format {' or '.join(OBJECTIVES[objective])}, "
+                          f"not {fmt}")
+    if objective == "dpo" and cfg.get("dpo") is None:
+        raise ConfigError("train.objective=dpo needs the dpo settings (beta, reference): use stage=dpo")
+    if objective == "dpo" and not (cfg.dpo.reference or cfg.checkpoint.load):
+        raise ConfigError("train.objective=dpo needs a reference model: set dpo.reference or checkpoint.load "
+                          "(the SFT checkpoint)")
+    return objective
+
+
+def build_objective(cfg: DictConfig, objective: str, model, topology, precision, config):
+    """What a step optimizes: next-token loss, or DPO against a frozen reference model built in
+    the policy's layout from `dpo.reference` (default: the checkpoint the policy starts from)."""
+    from phi4.train.step import LanguageModeling
+
+    if objective == "lm":
+        return LanguageModeling()
+    from phi4.model.build import build_phi4_model
+    from phi4.posttrain.dpo import DirectPreference
+    from phi4.train.checkpoint import load_model_weights
+
+    reference = build_phi4_model(model, topology, precision, config=config)
+    load_model_weights(reference, cfg.dpo.reference or cfg.checkpoint.load)
+    return DirectPreference(reference, float(cfg.dpo.beta))
 
 
 def train(cfg: DictConfig) -> int:
@@ -106,15 +132,17 @@ def train(cfg: DictConfig) -> int:
     from megatron.core.num_microbatches_calculator import get_num_microbatches, init_num_microbatches_calculator
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from phi4.data.blend import GlobalBatches, build_datasets, collate, evaluation_samples
+    from phi4.data.blend import GlobalBatches, evaluation_samples
+    from phi4.data.formats import Collate, build_train_valid, prepare_sources
     from phi4.model.build import build_phi4_model, model_summary, transformer_config
     from phi4.model.validate import check_run
     from phi4.runtime.distributed import init_distributed, shutdown
     from phi4.runtime.launch_env import read_launch_env
-    from phi4.train.checkpoint import MODEL_CONFIG_KEY, RunCheckpointer, latest_checkpoint, load_model_weights
+    from phi4.train.checkpoint import (MODEL_CONFIG_KEY, RunCheckpointer, latest_checkpoint, load_model_weights,
+                                       resolve_checkpoint, weights_fingerprint)
     from phi4.model.flops import flops_per_token
     from phi4.train.metrics import MetricsWriter, device_peak_tflops, memory_gb
-    from phi4.train.step import OptimSettings, build_optimizer, evaluate_loss, train_step, wrap_ddp
+    from phi4.train.step import OptimSettings, build_optimizer, wrap_ddp
 
     model, topology, precision = settings(cfg)
     launch = read_launch_env()
@@ -125,17 +153,18 @@ def train(cfg: DictConfig) -> int:
     dp = topology.data_parallel_size(launch.world_size)
     steps = total_steps(cfg)
     check_training(cfg, dp, steps, model)
+    objective_name = check_objective(cfg)
     t = cfg.train
     run_dir = Path(cfg.run_dir)
 
     init_distributed(model, topology, precision, seed=cfg.seed, launch=launch)
-    stop = _StopRequest()
+    stop = StopRequest()
     started = time.monotonic()
     rank = torch.distributed.get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    sources = _prepare_data(cfg, rank)
+    sources = prepare_sources(cfg.data, t.seq_length, rank)
 
     config = transformer_config(model, topology, precision)
     chunks = build_phi4_model(model, topology, precision, config=config)
@@ -149,6 +178,7 @@ def train(cfg: DictConfig) -> int:
         lr_decay_steps=steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant")
     init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
+    objective = build_objective(cfg, objective_name, model, topology, precision, config)
 
     is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
         and parallel_state.get_data_parallel_rank() == 0
@@ -156,31 +186,38 @@ def train(cfg: DictConfig) -> int:
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     layout = dict(tp=topology.tp, pp=topology.pp, vp=topology.vp, cp=topology.cp, dp=dp)
 
-    step, consumed, skipped = 0, 0, 0
+    step, consumed, skipped, initialized_from = 0, 0, 0, None
     resume = latest_checkpoint(run_dir)
     if resume is not None:
         state = checkpointer.load(resume, ddp, optimizer, scheduler, layout)
         step, consumed, skipped = state["step"], state["consumed_samples"], state["skipped_steps"]
+        initialized_from = state.get("initialized_from")
         if is_logger:
             log.info(f"resumed from {resume} at step {step} ({consumed} samples consumed; saved at {state['layout']})")
     elif cfg.checkpoint.load:
         load_model_weights(ddp, cfg.checkpoint.load)
+        # What was loaded, as the checkpoint chain's evidence: the stage before saved the same
+        # fingerprint with its final weights.
+        initialized_from = dict(path=str(resolve_checkpoint(cfg.checkpoint.load).resolve()),
+                                weights_fingerprint=weights_fingerprint(ddp))
         if is_logger:
             log.info(f"initialized from {cfg.checkpoint.load} (weights only)")
     if is_logger:
         log.info(model_summary(model, topology, chunks, f"dp={dp} | {steps} steps | run dir {run_dir.resolve()}"))
 
-    train_ds, valid_ds = build_datasets(sources, t.seq_length, steps * t.global_batch_size, max(t.eval_samples, 1),
-                                        cfg.seed, cfg.data.split, str(Path(cfg.data.cache_dir) / "index_cache"))
+    train_ds, valid_ds = build_train_valid(cfg.data, sources, t.seq_length, steps * t.global_batch_size,
+                                           max(t.eval_samples, 1), cfg.seed)
+    collate = Collate(t.micro_batch_size, "thd" if model.backend == "te" else "mask")
     dp_rank = parallel_state.get_data_parallel_rank()
     batches = GlobalBatches(train_ds, t.global_batch_size, dp_rank, dp, consumed)
     valid = evaluation_samples(valid_ds, t.eval_samples, dp_rank, dp) if t.eval_every else None
 
-    def save(at_step: int):
+    def save(at_step: int, final: bool = False):
         extra = dict(step=at_step, consumed_samples=batches.consumed, skipped_steps=skipped, layout=layout,
-                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True), initialized_from=initialized_from,
+                     weights_fingerprint=weights_fingerprint(ddp))
         extra[MODEL_CONFIG_KEY] = dataclasses.asdict(model)
-        return checkpointer.save(at_step, ddp, optimizer, scheduler, extra)
+        return checkpointer.save(at_step, ddp, optimizer, scheduler, extra, final)
 
     if step >= steps:
         if is_logger:
@@ -191,11 +228,13 @@ def train(cfg: DictConfig) -> int:
     flops_token = flops_per_token(model, t.seq_length)
     peak = device_peak_tflops(t.peak_tflops)
     tokens_per_step = t.global_batch_size * t.seq_length
+    if objective_name == "dpo":  # a pair is two rows, and the reference's forward adds a third of a step's FLOPs
+        tokens_per_step, flops_token = 2 * tokens_per_step, flops_token * 4 / 3
     in_a_row, window_start, window_steps, exit_code = 0, time.perf_counter(), 0, 0
     while step < steps:
-        micro = collate(batches.next(), t.micro_batch_size)
+        micro = collate(batches.next())
         assert len(micro) == get_num_microbatches()
-        result = train_step(ddp, optimizer, micro)
+        result = objective.train_step(ddp, optimizer, micro)
         step += 1
         window_steps += 1
         if result["update_successful"]:
@@ -218,18 +257,24 @@ def train(cfg: DictConfig) -> int:
             tokens_per_s = window_steps * tokens_per_step / elapsed
             tflops = tokens_per_s * flops_token / launch.world_size / 1e12
             if is_logger:  # the loss lives on the last pipeline stage
+                scores = {k: v for k, v in result.items() if k not in ("loss", "grad_norm", "update_successful")}
                 record = dict(step=step, loss=result["loss"], lr=optimizer.param_groups[0]["lr"],
                               grad_norm=result["grad_norm"], tokens_per_s=tokens_per_s, tflops_per_gpu=tflops,
-                              mfu=tflops / peak if peak else None, memory_gb=memory_gb(), skipped_steps=skipped)
+                              mfu=tflops / peak if peak else None, memory_gb=memory_gb(), skipped_steps=skipped,
+                              **scores)
                 mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
+                extra = objective.describe(result)
                 metrics.write(record, f"step {step:>6}/{steps} | loss {result['loss']:.4f} | lr {record['lr']:.2e} | "
-                                      f"grad norm {result['grad_norm']:.3f} | {tokens_per_s:,.0f} tokens/s | "
-                                      f"{tflops:.2f} TFLOP/s/GPU | MFU {mfu} | mem {record['memory_gb']:.1f} GB")
+                                      f"grad norm {result['grad_norm']:.3f} | {extra + ' | ' if extra else ''}"
+                                      f"{tokens_per_s:,.0f} tokens/s | {tflops:.2f} TFLOP/s/GPU | MFU {mfu} | "
+                                      f"mem {record['memory_gb']:.1f} GB")
             window_start, window_steps = time.perf_counter(), 0
         if valid and t.eval_every and (step % t.eval_every == 0 or step == steps):
-            val = evaluate_loss(ddp, collate(valid, t.micro_batch_size))
+            val = objective.evaluate(ddp, collate(valid))
             if is_logger:
-                metrics.write(dict(step=step, val_loss=val), f"step {step:>6}/{steps} | validation loss {val:.4f}")
+                extra = objective.describe(val)
+                metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
+                              f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{' | ' + extra if extra else ''}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
             save(step)
         out_of_time = t.max_wall_minutes is not None and time.monotonic() - started > 60 * t.max_wall_minutes
@@ -244,7 +289,7 @@ def train(cfg: DictConfig) -> int:
             exit_code = EXIT_RESUMABLE
             break
     else:
-        directory = save(step)
+        directory = save(step, final=True)
         checkpointer.wait()
         if is_logger:
             log.info(f"done: {steps} steps, final checkpoint {directory}; run dir {run_dir.resolve()}")

@@ -10,6 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
+from phi4.runtime import signals
+
+signals.install()  # first: a stop signal during the slow imports below must not kill the job
+
 import hydra
 from omegaconf import DictConfig
 
@@ -34,7 +38,8 @@ def main(cfg: DictConfig) -> None:
     except TrainingStopped as err:
         log.error(f"error: {err}")
         code = 3
-    sys.exit(code)
+    if code:  # returning on success lets a Hydra launcher (submitit) see a finished job, not SystemExit(0)
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # dist_checkpointing's spawned writer re-imports the entry module

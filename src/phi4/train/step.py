@@ -86,13 +86,16 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def _forward_step(data_iterator, model):
+def lm_forward_step(data_iterator, model):
+    """Next-token loss of one micro-batch; packed rows bring their attention mask (local
+    backend) or THD sequence boundaries (te)."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                   packed_seq_params=batch.get("packed_seq_params"))
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def _run_schedule(step_func, chunks: list, micro_batches: list[dict], forward_only: bool, **extra) -> list:
+def run_schedule(step_func, chunks: list, micro_batches: list[dict], forward_only: bool, **extra) -> list:
     """Megatron-Core's schedule for this layout (none, 1F1B or interleaved) over the micro-batches.
     Every virtual stage reads the same micro-batch sequence: the first uses the tokens, the last
     the labels."""
@@ -112,18 +115,21 @@ def _run_schedule(step_func, chunks: list, micro_batches: list[dict], forward_on
     )
 
 
-def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
+def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict], forward_step=lm_forward_step,
+               reduce=None) -> dict:
     """Forward and backward over the micro-batches, then one optimizer step.
 
     Returns `loss` (mean per token over the global batch; None off the last pipeline stage),
     `grad_norm`, `update_successful` (False when the gradient norm was not finite: no update).
+    With another `forward_step`, `reduce` turns its reports into a dict with at least `loss`.
     """
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _run_schedule(_forward_step, ddp_chunks, micro_batches, forward_only=False)
+    reports = run_schedule(forward_step, ddp_chunks, micro_batches, forward_only=False)
     update_successful, grad_norm = _optimizer_step(optimizer)
-    return {"loss": _mean_token_loss(reports), "grad_norm": grad_norm, "update_successful": update_successful}
+    result = reduce(reports) if reduce else {"loss": _mean_token_loss(reports)}
+    return {"loss": None, **(result or {}), "grad_norm": grad_norm, "update_successful": update_successful}
 
 
 def _optimizer_step(optimizer) -> tuple[bool, Optional[float]]:
@@ -157,7 +163,24 @@ def _mean_token_loss(reports: list[dict]) -> Optional[float]:
 @torch.no_grad()
 def evaluate_loss(chunks: list, micro_batches: list[dict]) -> Optional[float]:
     """The mean per-token loss of the micro-batches without a backward pass (validation)."""
-    return _mean_token_loss(_run_schedule(_forward_step, chunks, micro_batches, forward_only=True))
+    return _mean_token_loss(run_schedule(lm_forward_step, chunks, micro_batches, forward_only=True))
+
+
+class LanguageModeling:
+    """The next-token objective (pre-training, mid-training, SFT) for the training loop."""
+
+    @staticmethod
+    def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
+        return train_step(ddp_chunks, optimizer, micro_batches)
+
+    @staticmethod
+    def evaluate(chunks: list, micro_batches: list[dict]):
+        loss = evaluate_loss(chunks, micro_batches)
+        return None if loss is None else {"loss": loss}
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        return ""
 
 
 def _logits_step(data_iterator, model):
@@ -178,7 +201,7 @@ def forward_logits(chunks: list, micro_batches: list[dict]) -> Optional[torch.Te
     pipeline stage (None elsewhere), gathered across tensor-parallel ranks."""
     from megatron.core import parallel_state
 
-    outputs = _run_schedule(_logits_step, chunks, micro_batches, forward_only=True, collect_non_loss_data=True)
+    outputs = run_schedule(_logits_step, chunks, micro_batches, forward_only=True, collect_non_loss_data=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return torch.cat(list(outputs), dim=0)

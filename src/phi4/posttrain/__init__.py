@@ -1,0 +1,1 @@
+"""Post-training: SFT and DPO losses, and Pivotal Token Search that makes DPO pairs."""

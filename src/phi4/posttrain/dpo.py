@@ -1,0 +1,127 @@
+"""Direct Preference Optimization: the loss, and its forward steps over Megatron-Core's schedules.
+
+For a pair (chosen c, rejected r) with summed response log-probabilities under the policy (pi)
+and the frozen reference (ref):
+    reward_c = beta (pi_c - ref_c),  reward_r = beta (pi_r - ref_r)
+    loss     = -log sigmoid(reward_c - reward_r)
+A micro-batch holds k pairs as rows [chosen_1..k, rejected_1..k] (phi4.data.preference). The
+reference's log-probabilities are computed first, with the reference model in the same layout
+and forward only, and ride along in the micro-batch (`ref_logps`) into the policy's step.
+Megatron-Core's per-token loss convention (loss sum, count) carries pairs here: the count is the
+number of pairs, so gradients and the reported loss are means per pair over the global batch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+# What the DPO step reports, summed over pairs (then divided by the pair count).
+REPORT = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
+          "rejected_logp")
+
+
+def dpo_terms(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float) -> dict:
+    """Per-pair loss, rewards, margin and accuracy (1 where the chosen reward is higher)."""
+    chosen_reward = beta * (pi_chosen - ref_chosen)
+    rejected_reward = beta * (pi_rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    return dict(loss=-F.logsigmoid(margin), reward_accuracy=(margin > 0).float(), reward_margin=margin,
+                chosen_reward=chosen_reward, rejected_reward=rejected_reward, chosen_logp=pi_chosen,
+                rejected_logp=pi_rejected)
+
+
+def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's masked (response) tokens, from GPTModel's per-token
+    cross entropy (which is -log p of each label, reduced across tensor-parallel ranks)."""
+    return -(per_token_loss.float() * loss_mask.float()).sum(dim=1)
+
+
+def _reference_loss(loss_mask, per_token_loss):
+    logps = sequence_logps(per_token_loss, loss_mask).detach()
+    return torch.zeros((), device=logps.device), torch.ones((), dtype=torch.int), {"logps": logps}
+
+
+def _model_call(batch, model):
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+
+def _reference_step(data_iterator, model):
+    batch = next(data_iterator)
+    return _model_call(batch, model), partial(_reference_loss, batch["loss_mask"])
+
+
+@torch.no_grad()
+def attach_reference_logps(reference_chunks: list, micro_batches: list[dict]) -> list[dict]:
+    """Each micro-batch with `ref_logps` [2k] from the reference model (on the last pipeline
+    stage, where the DPO loss is computed; elsewhere the batch is returned unchanged)."""
+    from megatron.core import parallel_state
+
+    from phi4.train.step import run_schedule
+
+    outputs = run_schedule(_reference_step, reference_chunks, micro_batches, forward_only=True)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return micro_batches
+    return [{**batch, "ref_logps": out["logps"]} for batch, out in zip(micro_batches, outputs)]
+
+
+def _dpo_loss(batch, beta, per_token_loss):
+    logps = sequence_logps(per_token_loss, batch["loss_mask"])
+    k = logps.shape[0] // 2
+    ref = batch["ref_logps"].to(logps.device)
+    terms = dpo_terms(logps[:k], logps[k:], ref[:k], ref[k:], beta)
+    report = torch.stack([terms[name].detach().float().sum() for name in REPORT] + [torch.tensor(float(k))])
+    return terms["loss"].sum(), torch.tensor(k, dtype=torch.int), {"dpo": report}
+
+
+def dpo_forward_step(beta: float):
+    """A forward step for Megatron-Core's schedules computing the DPO loss of each micro-batch."""
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        return _model_call(batch, model), partial(_dpo_loss, batch, beta)
+
+    return step
+
+
+def reduce_report(reports: list[dict]):
+    """{name: mean per pair} over the micro-batches and data-parallel ranks (last stage; else None)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.stack([r["dpo"] for r in reports]).sum(0)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    pairs = total[-1].item()
+    return {name: total[i].item() / pairs for i, name in enumerate(REPORT)}
+
+
+class DirectPreference:
+    """The DPO objective for the training loop: the frozen reference (same layout as the policy)
+    scores each micro-batch first, then the policy steps on the DPO loss."""
+
+    def __init__(self, reference_chunks: list, beta: float):
+        self.reference, self.beta = reference_chunks, beta
+        for chunk in reference_chunks:
+            chunk.eval()
+            chunk.requires_grad_(False)
+
+    def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
+        from phi4.train.step import train_step
+
+        micro_batches = attach_reference_logps(self.reference, micro_batches)
+        return train_step(ddp_chunks, optimizer, micro_batches, dpo_forward_step(self.beta), reduce_report)
+
+    @torch.no_grad()
+    def evaluate(self, chunks: list, micro_batches: list[dict]):
+        from phi4.train.step import run_schedule
+
+        micro_batches = attach_reference_logps(self.reference, micro_batches)
+        return reduce_report(run_schedule(dpo_forward_step(self.beta), chunks, micro_batches, forward_only=True))
+
+    @staticmethod
+    def describe(r: dict) -> str:
+        return (f"reward acc {r['reward_accuracy']:.3f} | margin {r['reward_margin']:+.4f} | "
+                f"logp chosen {r['chosen_logp']:.3f} rejected {r['rejected_logp']:.3f}")

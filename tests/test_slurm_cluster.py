@@ -1,0 +1,45 @@
+"""The private SLURM cluster (tests/slurm_cluster.py) runs real sbatch jobs: output, exit codes and
+afterok chains. A job that reaches its time-limit warning and requeues itself is part of the
+stage chain's test (tests/test_stage_chain.py): slurmctld sends `--signal` warnings from a check
+it makes every 30 s, so such a job costs half a minute wherever it runs.
+"""
+
+ONE_CPU = ("--ntasks=1", "--cpus-per-task=1")
+
+
+def test_job_completes_with_its_output(slurm_cluster):
+    job_id = slurm_cluster.submit(
+        '#!/bin/bash\necho "hello from $SLURM_JOB_ID on $SLURMD_NODENAME in $SLURM_JOB_PARTITION"\n', *ONE_CPU)
+    assert slurm_cluster.wait([job_id], timeout=30) == {job_id: "COMPLETED"}
+    job = slurm_cluster.job(job_id)
+    assert (job.exit_code, job.exit_signal, job.restarts) == (0, 0, 0)
+    assert slurm_cluster.output(job_id) == (
+        f"hello from {job_id} on {slurm_cluster.node} in {slurm_cluster.partition}\n")
+
+
+def test_failing_job_ends_failed_with_its_exit_code(slurm_cluster):
+    job_id = slurm_cluster.submit("#!/bin/bash\necho about to fail\nexit 3\n", *ONE_CPU)
+    assert slurm_cluster.wait(job_id, timeout=30) == {job_id: "FAILED"}
+    job = slurm_cluster.job(job_id)
+    assert (job.exit_code, job.exit_signal) == (3, 0)
+    assert slurm_cluster.output(job_id) == "about to fail\n"
+
+
+def test_afterok_chain_runs_in_order(slurm_cluster, tmp_path):
+    log = tmp_path / "order.txt"
+    ids = []
+    for name in "ABC":
+        dependency = [f"--dependency=afterok:{ids[-1]}"] if ids else []
+        ids.append(slurm_cluster.submit(
+            f"#!/bin/bash\necho {name} start >> {log}\nsleep 0.3\necho {name} end >> {log}\n",
+            *ONE_CPU, *dependency))
+    assert slurm_cluster.wait(ids, timeout=30) == dict.fromkeys(ids, "COMPLETED")
+    assert log.read_text().split("\n") == [
+        "A start", "A end", "B start", "B end", "C start", "C end", ""]
+
+
+def test_afterok_on_a_failed_job_cancels_the_dependent(slurm_cluster):
+    failed = slurm_cluster.submit("#!/bin/bash\nexit 1\n", *ONE_CPU)
+    dependent = slurm_cluster.submit("#!/bin/bash\necho must not run\n", *ONE_CPU, f"--dependency=afterok:{failed}")
+    assert slurm_cluster.wait([failed, dependent], timeout=30) == {failed: "FAILED", dependent: "CANCELLED"}
+    assert slurm_cluster.output(dependent) == ""
