@@ -36,12 +36,12 @@ for stage in $stages; do
     [ -n "$after" ] && args+=(--after "$after")
     settings="$(cd "$root" && "$python" -m phi4.runtime.cluster "${args[@]}")" || exit 2
     eval "$settings"
-    mkdir -p "$(dirname "$STAGE_RUN_DIR")/logs"
     if [ "$dry" = 1 ]; then
         echo "sbatch ${SBATCH_OPTIONS[*]} $here/stage.sbatch ${STAGE_COMMAND[*]}"
         after="<$stage>"
         continue
     fi
+    mkdir -p "$(dirname "$STAGE_RUN_DIR")/logs"
     job="$(sbatch --parsable "${SBATCH_OPTIONS[@]}" "$here/stage.sbatch" "${STAGE_COMMAND[@]}")"
     job="${job%%;*}"  # --parsable prints "id" or "id;cluster"
     echo "$stage: job $job -> $STAGE_RUN_DIR"

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
         runs = (args.runs or Path(cluster["runs"])).resolve()
         options, command, env = stage_job(cluster, args.stage, runs, args.after)
     except ConfigError as err:
-        print(f"echo {shlex.quote(f'pipeline: error: {err}')} >&2; exit 2")
+        print(f"pipeline: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"SBATCH_OPTIONS=({shlex.join(options)})")
     print(f"STAGE_COMMAND=({shlex.join(command)})")
