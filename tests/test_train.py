@@ -187,6 +187,9 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
         (["train.steps=4", "optim.warmup_steps=5"], "optim.warmup_steps=5 must be at least 0 and less than train.steps=4"),
         (["train.global_batch_size=5"], "train.global_batch_size=5 is not a multiple of train.micro_batch_size=2"),
         (["model=phi4_14b", "topology=h100_1920"], "topology.nodes x topology.gpus_per_node = 1920, but 1 processes were started"),
+        (["stage=tiny_dpo", "checkpoint.load=/nowhere"], "data.pairs is not set: give the preference JSONL"),
+        (["data=synthetic_chat", "train.objective=dpo"], "train.objective=dpo reads data.format preference, not packed_chat"),
+        (["data=preference", "data.pairs=/x.jsonl", "train.objective=dpo"], "train.objective=dpo needs the dpo settings"),
     ],
 )
 def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):

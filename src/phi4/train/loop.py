@@ -99,6 +99,9 @@ def check_objective(cfg: DictConfig) -> str:
     if objective not in OBJECTIVES:
         raise ConfigError(f"train.objective={objective!r}; valid: {', '.join(OBJECTIVES)}")
     fmt = data_format(cfg.data)
+    if fmt == "preference" and OmegaConf.is_missing(cfg.data, "pairs"):
+        raise ConfigError("data.pairs is not set: give the preference JSONL (PTS writes one: "
+                          "<pts run_dir>/pairs.jsonl)")
     if fmt not in OBJECTIVES[objective]:
         raise ConfigError(f"train.objective={objective} reads data.format {' or '.join(OBJECTIVES[objective])}, "
                           f"not {fmt}")
