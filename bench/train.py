@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "src"))
 def bench_loader(cache: Path, samples: int, seq: int, micro_batch: int) -> float:
     from phi4.data.blend import GlobalBatches, Source, build_datasets
     from phi4.data.formats import Collate
-    from phi4.data.corpus import ensure_synthetic_corpus
+    from phi4.data.corpus import ensure_corpus
 
-    prefix = ensure_synthetic_corpus(cache / "synthetic" / "bench", 10000, 0)
+    prefix = ensure_corpus(cache / "synthetic" / "bench", "arithmetic", 10000, 0)
     train, _ = build_datasets([Source("synthetic", str(prefix), 1.0)], seq, samples, 10, 0, "98,2,0", str(cache / "idx"))
     batches = GlobalBatches(train, 64, 0, 1)
     started = time.perf_counter()

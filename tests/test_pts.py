@@ -3,7 +3,7 @@ sampler it is built on against hand-computed distributions."""
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -21,7 +21,26 @@ from phi4.posttrain.pts import (
     subdivide,
 )
 from phi4.posttrain.pts_run import merge_parts, part_path, run_pts
-from phi4.posttrain.sampling import LogitsPolicy, sample_tokens, token_logprobs, top_p_filter
+
+
+@dataclass
+class LogitsPolicy:
+    """A PolicyModel over a logits function (the scripted stand-in models' sampler)."""
+
+    logits_fn: object
+    eos_id: int | None
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def sample(self, prefix_ids, n):
+        return sample_tokens(self.logits_fn, prefix_ids, n, self.max_new_tokens, self.temperature, self.top_p,
+                             self.eos_id, self.generator)
+
+    def token_logprobs(self, prefix_ids, tokens):
+        return token_logprobs(self.logits_fn, prefix_ids, tokens)
+from phi4.posttrain.sampling import sample_tokens, token_logprobs, top_p_filter
 
 EOS, WIN, LOSE = 1, 2, 3
 UP, DOWN = 1000, 2000  # UP + k / DOWN + k: first tokens, at depth k, of rollouts that all win / all lose

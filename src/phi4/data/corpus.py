@@ -57,7 +57,3 @@ def ensure_corpus(prefix: Path, corpus: str = "arithmetic", problems: int = 1000
             preprocess([jsonl], prefix, workers=0, progress=False)
     return prefix
 
-
-def ensure_synthetic_corpus(prefix: Path, problems: int, seed: int) -> Path:
-    """The embedded default's corpus (kept for the benchmarks)."""
-    return ensure_corpus(prefix, "arithmetic", problems, seed)

@@ -60,7 +60,7 @@ def load_checker(name: str) -> Checker:
 @dataclass(frozen=True)
 class PTSSettings:
     """The search's settings (`pts.*` in the Hydra config). max_new_tokens, temperature, top_p and
-    seed are for the model's sampler (sampling.LogitsPolicy); the search itself reads the others."""
+    seed are for the model's sampler (generate.MegatronPolicy); the search itself reads the others."""
 
     samples: int = 16  # rollouts per p estimate; 16 keeps every p a multiple of 1/16
     p_gap: float = 0.2  # not given in the report (PHI4.md)

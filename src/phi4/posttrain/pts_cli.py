@@ -10,7 +10,6 @@ At the end rank 0 merges the parts into `pts.output`, the DPO stage's pairs.
 from __future__ import annotations
 
 import logging
-import sys
 import zlib
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi4.errors import ConfigError
-from phi4.logs import quiet_dependencies
+from phi4.logs import run_job
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 log = logging.getLogger("phi4.pts")
@@ -138,15 +137,7 @@ def search(cfg: DictConfig) -> int:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="pts")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    quiet_dependencies()
-    try:
-        code = search(cfg)
-    except ConfigError as err:
-        log.error(f"error: {err}")
-        code = 2
-    if code:
-        sys.exit(code)
+    run_job(search, cfg, log, {ConfigError: 2})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -88,25 +87,3 @@ def token_logprobs(
     logits = logits_fn(sequence)[0, len(prefix_ids) - 1 : -1].float()
     targets = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
     return logits.log_softmax(dim=-1).gather(-1, targets).squeeze(-1).tolist()
-
-
-@dataclass
-class LogitsPolicy:
-    """A `PolicyModel` (pts.py) over a logits function, sampling as the search's settings say."""
-
-    logits_fn: LogitsFn
-    eos_id: int | None
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generator: torch.Generator | None = None
-    device: torch.device | str | None = None
-
-    def sample(self, prefix_ids: list[int], n: int) -> list[list[int]]:
-        return sample_tokens(
-            self.logits_fn, prefix_ids, n, self.max_new_tokens, self.temperature, self.top_p,
-            self.eos_id, self.generator, self.device,
-        )
-
-    def token_logprobs(self, prefix_ids: list[int], tokens: list[int]) -> list[float]:
-        return token_logprobs(self.logits_fn, prefix_ids, tokens, self.device)
