@@ -37,6 +37,7 @@ setup(
             "phi4-data = phi4.data.cli:main",
             "phi4-plan = phi4.plan.cli:main",
             "phi4-pts = phi4.posttrain.pts_cli:main",
+            "phi4-eval = phi4.eval.cli:main",
         ]
     },
 )

@@ -55,5 +55,22 @@ def phi3_reference(model: ModelConfig):
     return Phi3ForCausalLM(config).eval()
 
 
+def load_in_layouts(model: ModelConfig, layouts: dict, checkpoint: str):
+    """(name, model chunks holding the checkpoint's weights) for each layout in turn, on the ranks
+    of a multirank run: the first starts the process group, the others rebuild the parallel groups."""
+    from phi4.model.build import build_phi4_model
+    from phi4.runtime.distributed import init_distributed, set_parallel_layout
+    from phi4.train.checkpoint import load_model_weights
+
+    for i, (name, topology) in enumerate(layouts.items()):
+        if i == 0:
+            init_distributed(model, topology, FP32)
+        else:
+            set_parallel_layout(topology)
+        chunks = build_phi4_model(model, topology, FP32)
+        load_model_weights(chunks, checkpoint)
+        yield name, chunks
+
+
 FP32 = PrecisionConfig(dtype="fp32")
 __all__ = ["FP32", "ModelConfig", "TopologyConfig", "tiny_model", "random_hf_weights", "token_rows"]

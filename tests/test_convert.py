@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FP32, TopologyConfig, phi3_reference, random_hf_weights, tiny_model
+from helpers import FP32, TopologyConfig, load_in_layouts, phi3_reference, random_hf_weights, tiny_model
 from multirank import run_ranks
 
 TOL = 1e-4
@@ -102,20 +102,11 @@ def load_converted(ckpt: str, tokens: torch.Tensor) -> dict:
     """On 2 ranks: the converted checkpoint at TP=2, then at PP=2; logits of each."""
     from megatron.core import parallel_state
 
-    from phi4.model.build import build_phi4_model
-    from phi4.runtime.distributed import init_distributed, set_parallel_layout
-    from phi4.train.checkpoint import load_model_weights
     from phi4.train.step import logits_of_tokens
 
     model = tiny_model(**MODEL)
     out = {}
-    for i, (name, topology) in enumerate({"tp2": TopologyConfig(tp=2), "pp2": TopologyConfig(pp=2)}.items()):
-        if i == 0:
-            init_distributed(model, topology, FP32)
-        else:
-            set_parallel_layout(topology)
-        chunks = build_phi4_model(model, topology, FP32)
-        load_model_weights(chunks, ckpt)
+    for name, chunks in load_in_layouts(model, {"tp2": TopologyConfig(tp=2), "pp2": TopologyConfig(pp=2)}, ckpt):
         logits = logits_of_tokens(chunks, tokens)
         last = parallel_state.is_pipeline_last_stage()
         out[name] = logits[..., : model.vocab_size] if last else None

@@ -48,3 +48,29 @@ def test_single_process_without_launcher():
 def test_bad_variable_is_named():
     with pytest.raises(ConfigError, match=r"SLURM_NTASKS='many' is not an integer"):
         read_launch_env(dict(SLURM_PROCID="0", SLURM_NTASKS="many"))
+
+
+def _stop_handler_installed(_) -> bool:
+    """Whether install() (as an entry module calls it at import) takes SIGTERM in this process."""
+    import signal
+
+    from phi4.runtime import signals
+
+    signals.install()
+    return signal.getsignal(signal.SIGTERM) is signals._record
+
+
+def test_spawned_workers_keep_the_default_sigterm():
+    """The entry modules record stop signals from their first line; a spawned worker re-imports
+    its parent's main module, and one that ignored SIGTERM would hang its pool's terminate()."""
+    import multiprocessing
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert _stop_handler_installed(None)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert pool.map(_stop_handler_installed, [0]) == [False]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -323,7 +323,7 @@ def test_load_checker():
     assert load_checker("phi4.posttrain.pts:arithmetic_checker") is arithmetic_checker
     for bad in ("regex", "phi4.nowhere:check", "phi4.posttrain.pts:nothing"):
         with pytest.raises(ConfigError, match=r"pts\.checker.*arithmetic"):
-            load_checker(bad)
+            load_checker(bad, "pts.checker")
 
 
 # --- run_pts: resumable parts, merged once every rank has finished ---

@@ -81,7 +81,7 @@ def _submit_sweep(env: dict, root: Path) -> subprocess.Popen:
     sweep = root / "sweep"
     return subprocess.Popen(
         [str(PYTHON), str(ROOT / "launch/train.py"), "-m", "hydra/launcher=slurm", "cluster=local_cpu",
-         "optim.lr=1e-3,2e-3", "train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0",
+         "optim.lr=1e-3,2e-3", "train.steps=3", "train.log_every=1", "train.eval_every=0", "eval.every=0", "checkpoint.every=0",
          "optim.warmup_steps=0", "train.tensorboard=false", f"hydra.sweep.dir={sweep}",
          "run_dir=${hydra:sweep.dir}/${hydra:job.num}"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -68,3 +68,20 @@ def test_seed_example_shape():
     p = next(p for p in generate(200) if p.kind == "consecutive_evens" and "5 consecutive" in p.question)
     assert p.text().startswith("Problem: The sum of 5 consecutive even numbers")
     assert p.text().endswith(f"Answer: {p.answer}")
+
+
+def test_held_out_split_never_meets_training():
+    """Questions of the test split never appear in a training draw, whatever the seed; a training
+    corpus generated for the default data has none of them."""
+    from phi4.data.synth import TEST_PERCENT, split_of
+
+    test = list(generate(300, seed=1, split="test"))
+    train = [p for seed in (0, 1, 2) for p in generate(3000, seed=seed, split="train")]
+    assert {split_of(p) for p in test} == {"test"} and {split_of(p) for p in train} == {"train"}
+    assert not {p.question for p in test} & {p.question for p in train}
+    assert {p.kind for p in test} == set(WORD_PROBLEMS)
+    everything = list(generate(3000, seed=0))
+    share = sum(split_of(p) == "test" for p in everything) / len(everything)
+    assert abs(share - TEST_PERCENT / 100) < 0.03, share
+    with pytest.raises(ValueError, match="valid: all, train, test"):
+        list(generate(1, split="dev"))

@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 
 def small(cache, *extra):
     return ["train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
-            "train.eval_every=0", "train.tensorboard=false", "data.synthetic.problems=600",
+            "train.eval_every=0", "eval.every=0", "train.tensorboard=false", "data.synthetic.problems=600",
             f"data.cache_dir={cache}", "optim.warmup_steps=2", *extra]
 
 
@@ -76,10 +76,21 @@ def _ok(out):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
 
 
-def test_default_run(tmp_path, cache):
-    """Loss falls, metrics and validation logged, checkpoints kept and pointed at, config saved."""
-    out = train(tmp_path, *small(cache, "train.steps=12", "train.log_every=4", "train.eval_every=6",
-                                 "checkpoint.every=4", "checkpoint.keep=2", "train.tensorboard=true"))
+GENERATIVE = ["eval.every=12", "eval.synthetic.problems=6", "eval.max_new_tokens=12", "eval.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, cache):
+    run = tmp_path_factory.mktemp("default")
+    out = train(run, *small(cache, "train.steps=12", "train.log_every=4", "train.eval_every=6", "checkpoint.every=4",
+                            "checkpoint.keep=2", "train.tensorboard=true", *GENERATIVE))
+    return run, out
+
+
+def test_default_run(default_run):
+    """Loss falls, metrics, validation and the generative evaluation logged, checkpoints kept and
+    pointed at, config saved."""
+    tmp_path, out = default_run
     _ok(out)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
@@ -93,6 +104,36 @@ def test_default_run(tmp_path, cache):
     assert saved["train"]["steps"] == 12 and saved["model"]["hidden_size"] == 128
     assert list((tmp_path / "tensorboard").glob("events.*"))
     assert str(tmp_path) in out.stdout + out.stderr  # the run directory is printed
+    # The held-out synthetic split, answered at the last step: its accuracy and interval are those
+    # of the verdicts written beside the metrics.
+    from phi4.eval.score import wilson_interval
+
+    (scores,) = [r for r in records if "eval/heldout_6_1/accuracy" in r]
+    generations = [json.loads(l) for l in (tmp_path / "generations" / "step_0000012.jsonl").read_text().splitlines()]
+    right = sum(g["correct"] for g in generations)
+    assert scores["step"] == 12 and len(generations) == 6 and {g["step"] for g in generations} == {12}
+    assert scores["eval/heldout_6_1/accuracy"] == right / 6
+    assert (scores["eval/heldout_6_1/ci95_low"], scores["eval/heldout_6_1/ci95_high"]) == wilson_interval(right, 6)
+    assert all(g["tokens"] == 12 or g["stopped"] for g in generations)
+    assert "eval heldout_6_1: accuracy" in out.stdout
+
+
+def test_phi4_eval_on_two_data_parallel_ranks_repeats_the_training_eval(default_run, tmp_path):
+    """phi4-eval on the final checkpoint, its problems split over two ranks: the same greedy
+    answers and verdicts as the evaluation inside the training run."""
+    run, _ = default_run
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "launch/eval.py",
+           f"checkpoint={run}", f"run_dir={tmp_path}", "eval=synthetic_heldout",
+           *[o for o in GENERATIVE if "every" not in o]]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    ours = [json.loads(l) for l in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    theirs = [json.loads(l) for l in (run / "generations" / "step_0000012.jsonl").read_text().splitlines()]
+    assert [(g["id"], g["response"], g["correct"]) for g in ours] == \
+           [(g["id"], g["response"], g["correct"]) for g in theirs]
+    (record,) = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 12 and record["eval/heldout_6_1/problems"] == 6
+    assert "2 data-parallel rank(s)" in out.stdout + out.stderr
 
 
 @pytest.fixture(scope="module")

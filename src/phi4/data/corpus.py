@@ -30,8 +30,9 @@ def _exists(prefix: Path, corpus: str) -> bool:
 
 def ensure_corpus(prefix: Path, corpus: str = "arithmetic", problems: int = 10000, seed: int = 0,
                   kinds: Sequence[str] = WORD_PROBLEMS, problems_per_document: int = 8,
-                  seq_length: int | None = None) -> Path:
-    """`<prefix>.bin/.idx` (and, for chat, the loss mask and `.json`) of a synthetic corpus."""
+                  seq_length: int | None = None, split: str = "all") -> Path:
+    """`<prefix>.bin/.idx` (and, for chat, the loss mask and `.json`) of a synthetic corpus; `split`
+    "train" leaves out the questions of the held-out test split (phi4.data.synth)."""
     from phi4.data.chat import pack_chat
     from phi4.data.preprocess import preprocess
 
@@ -46,11 +47,11 @@ def ensure_corpus(prefix: Path, corpus: str = "arithmetic", problems: int = 1000
         jsonl = Path(tmp) / "records.jsonl"
         if corpus == "long":
             with jsonl.open("w") as f:
-                texts = [p.text() for p in generate(problems, seed, kinds)]
+                texts = [p.text() for p in generate(problems, seed, kinds, split)]
                 for start in range(0, len(texts), problems_per_document):
                     f.write(json.dumps({"text": "\n\n".join(texts[start:start + problems_per_document])}) + "\n")
         else:
-            write_synthetic_jsonl(jsonl, problems, seed, kinds, chat=corpus == "chat")
+            write_synthetic_jsonl(jsonl, problems, seed, kinds, chat=corpus == "chat", split=split)
         if corpus == "chat":
             pack_chat([jsonl], prefix, seq_length)
         else:

@@ -10,12 +10,18 @@ The kinds, each with its own wording and solution steps:
 - the sum of an arithmetic sequence,
 - an age puzzle with a ratio,
 - small sums (not in the default mix: the tiny post-training chain's checkable task).
+
+Held-out split: a problem belongs to the test split when a hash of its question falls in the
+lowest TEST_PERCENT of 100 buckets, whatever seed or count drew it. Training corpora drawn with
+split="train" and evaluation sets with split="test" therefore never share a question, and a test
+set can also be given kinds that the training corpus leaves out.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -141,17 +147,34 @@ KINDS: dict[str, Callable[[random.Random], Problem]] = {
     "small_sum": _small_sum,
 }
 WORD_PROBLEMS = tuple(k for k in KINDS if k != "small_sum")  # the default mix (the pre-training corpus)
+SPLITS = ("all", "train", "test")
+TEST_PERCENT = 10
 
 
-def generate(count: int, seed: int = 0, kinds: Sequence[str] = WORD_PROBLEMS) -> Iterator[Problem]:
-    """`count` problems, kinds taken in turn, numbers drawn from a generator seeded by `seed`."""
+def split_of(problem: Problem) -> str:
+    """"test" or "train": fixed by the question alone."""
+    return "test" if zlib.crc32(problem.question.encode()) % 100 < TEST_PERCENT else "train"
+
+
+def generate(count: int, seed: int = 0, kinds: Sequence[str] = WORD_PROBLEMS, split: str = "all") -> Iterator[Problem]:
+    """`count` problems, kinds taken in turn, numbers drawn from a generator seeded by `seed`; with
+    split "train" or "test", only problems of that split (draws of the other are skipped)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"problem kinds {list(kinds)}: valid kinds are {', '.join(KINDS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
     rng = random.Random(seed)
     makers = [KINDS[k] for k in kinds]
     for i in range(count):
-        yield makers[i % len(makers)](rng)
+        problem = makers[i % len(makers)](rng)
+        for _ in range(1000 * 100 // TEST_PERCENT):
+            if split in ("all", split_of(problem)):
+                break
+            problem = makers[i % len(makers)](rng)
+        else:  # a kind with too few distinct questions to have any in this split
+            raise ValueError(f"problem kind {problem.kind!r} has no questions in the {split} split")
+        yield problem
 
 
 def chat_record(problem: Problem) -> dict:
@@ -162,13 +185,13 @@ def chat_record(problem: Problem) -> dict:
 
 
 def write_synthetic_jsonl(path: Path, count: int, seed: int, kinds: Sequence[str] = WORD_PROBLEMS,
-                          chat: bool = False) -> int:
+                          chat: bool = False, split: str = "all") -> int:
     """`count` arithmetic problems as JSONL: the document text (or, with `chat`, the conversation),
-    and the question and answer separately for checkers (Pivotal Token Search)."""
+    and the question and answer separately for checkers (Pivotal Token Search, evaluation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     with partial.open("w") as f:
-        for i, p in enumerate(generate(count, seed, kinds)):
+        for i, p in enumerate(generate(count, seed, kinds, split)):
             record = chat_record(p) if chat else {"text": p.text(), "kind": p.kind, "question": p.question,
                                                   "answer": p.answer}
             f.write(json.dumps({"id": i, **record}) + "\n")

@@ -4,12 +4,11 @@ enters only through `PolicyModel`, an answer's correctness only through a `Check
 
 from __future__ import annotations
 
-import importlib
-import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence
 
 from phi4.errors import ConfigError
+from phi4.eval.checkers import Checker, arithmetic_checker, load_checker  # noqa: F401 (PTS's checkers)
 
 
 class PolicyModel(Protocol):
@@ -22,39 +21,7 @@ class PolicyModel(Protocol):
         ...
 
 
-Checker = Callable[[dict, str], bool]  # (problem record, decoded response) -> correct?
 Decode = Callable[[list[int]], str]
-
-# An integer that is not the start of a longer number or a decimal ("Answer: 42.5" is not 42).
-_ANSWER = re.compile(r"Answer:\s*(-?\d+)(?!\d|\.\d)")
-
-
-def arithmetic_checker(problem: dict, completion: str) -> bool:
-    """The synthetic arithmetic problems (data/synth.py) end their solutions with `Answer: N`; a
-    response is right iff its last `Answer: N` is the problem's answer (a model that corrects
-    itself is judged by what it says last)."""
-    answers = _ANSWER.findall(completion)
-    return bool(answers) and int(answers[-1]) == int(problem["answer"])
-
-
-CHECKERS: dict[str, Checker] = {"arithmetic": arithmetic_checker}
-
-
-def load_checker(name: str) -> Checker:
-    """A checker by name, or any function given as "package.module:function"."""
-    if name in CHECKERS:
-        return CHECKERS[name]
-    valid = f"valid: {', '.join(map(repr, CHECKERS))} or 'package.module:function'"
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"pts.checker={name!r} is not a known checker; {valid}")
-    try:
-        checker = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"pts.checker={name!r} cannot be imported ({e}); {valid}") from e
-    if not callable(checker):
-        raise ConfigError(f"pts.checker={name!r} is not a function; {valid}")
-    return checker
 
 
 @dataclass(frozen=True)

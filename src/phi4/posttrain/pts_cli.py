@@ -79,7 +79,7 @@ def search(cfg: DictConfig) -> int:
                           f"and topology.cp={topology.cp} must be 1 (use topology.tp to split a large model)")
     settings = PTSSettings(samples=p.samples, p_gap=p.p_gap, p_min=p.p_min, p_max=p.p_max,
                            max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=cfg.seed)
-    checker = load_checker(p.checker)
+    checker = load_checker(p.checker, "pts.checker")
     init_distributed(model, topology, precision, seed=cfg.seed)
     stop = StopRequest()
     rank = torch.distributed.get_rank()

@@ -20,6 +20,13 @@ def _record(signum, frame) -> None:
 
 
 def install() -> None:
+    """Record SIGTERM/SIGUSR1 in this process, unless it is a multiprocessing child: a spawned
+    worker re-imports the entry module, and one that ignored SIGTERM would hang its pool's
+    terminate() (the tokenizer pool of the corpus generation did)."""
+    import multiprocessing
+
+    if multiprocessing.current_process().name != "MainProcess":
+        return
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _record)
 

@@ -129,6 +129,19 @@ def build_objective(cfg: DictConfig, objective: str, model, topology, precision,
     return DirectPreference(reference, float(cfg.dpo.beta))
 
 
+def generative_eval_every(cfg: DictConfig, cp: int) -> int:
+    """eval.every, its settings checked (0: no generative evaluation)."""
+    ev = cfg.get("eval")
+    if ev is None or not ev.every:
+        return 0
+    from phi4.eval.evaluator import check_eval
+
+    if ev.every < 0:
+        raise ConfigError(f"eval.every={ev.every} must be 0 (never) or a number of steps")
+    check_eval(ev, cp, cfg.seed)
+    return int(ev.every)
+
+
 def train(cfg: DictConfig) -> int:
     """Run (or resume) the configured training; returns the process exit code."""
     from megatron.core import parallel_state
@@ -157,6 +170,7 @@ def train(cfg: DictConfig) -> int:
     steps = total_steps(cfg)
     check_training(cfg, dp, steps, model)
     objective_name = check_objective(cfg)
+    generative_every = generative_eval_every(cfg, topology.cp)
     t = cfg.train
     run_dir = Path(cfg.run_dir)
 
@@ -214,6 +228,13 @@ def train(cfg: DictConfig) -> int:
     dp_rank = parallel_state.get_data_parallel_rank()
     batches = GlobalBatches(train_ds, t.global_batch_size, dp_rank, dp, consumed)
     valid = evaluation_samples(valid_ds, t.eval_samples, dp_rank, dp) if t.eval_every else None
+    evaluator = None
+    if generative_every:
+        from phi4.eval.evaluator import Evaluator, publish
+
+        evaluator = Evaluator(cfg.eval, ddp, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
+        if is_logger:
+            log.info(f"{evaluator.describe()}; every {generative_every} steps")
 
     def save(at_step: int, final: bool = False):
         extra = dict(step=at_step, consumed_samples=batches.consumed, skipped_steps=skipped, layout=layout,
@@ -278,6 +299,11 @@ def train(cfg: DictConfig) -> int:
                 extra = objective.describe(val)
                 metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
                               f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{' | ' + extra if extra else ''}")
+        if evaluator and (step % generative_every == 0 or step == steps):
+            report = evaluator.run()
+            if is_logger:
+                publish(report, step, metrics, run_dir / "generations" / f"step_{step:07d}.jsonl",
+                        f"step {step:>6}/{steps} | ")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
             save(step)
         out_of_time = t.max_wall_minutes is not None and time.monotonic() - started > 60 * t.max_wall_minutes

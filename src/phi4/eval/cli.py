@@ -1,0 +1,75 @@
+"""`phi4-eval` (and launch/eval.py): generative evaluation of a checkpoint, on every rank.
+
+    phi4-eval checkpoint=runs/tiny eval.synthetic='{problems: 64, seed: 1}'
+    torchrun --nproc-per-node 2 launch/eval.py checkpoint=runs/sft topology.tp=2 eval.tasks=[math.jsonl]
+
+The model's shape comes from the checkpoint; the layout (any TP/PP, cp=1) and precision are
+chosen as for phi4-train. Writes run_dir/metrics.jsonl, tensorboard/ and generations.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from phi4.runtime import signals
+
+signals.install()  # first: a stop signal during the slow imports below must not kill the job
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from phi4.errors import ConfigError
+from phi4.logs import run_job
+
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+log = logging.getLogger("phi4.eval")
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> int:
+    from megatron.core import parallel_state
+
+    from phi4.eval.evaluator import Evaluator, check_eval, publish
+    from phi4.model.build import build_phi4_model
+    from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+    from phi4.runtime.distributed import init_distributed, shutdown
+    from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
+    from phi4.train.metrics import MetricsWriter
+
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    common = checkpoint_common_state(checkpoint)
+    model = ModelConfig.from_dict(common[MODEL_CONFIG_KEY])
+    topology = TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True))
+    precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
+    check_eval(cfg.eval, topology.cp, cfg.seed)
+    init_distributed(model, topology, precision, seed=cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    if torch.distributed.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.distributed.barrier()
+    chunks = build_phi4_model(model, topology, precision)
+    load_model_weights(chunks, checkpoint)
+    evaluator = Evaluator(cfg.eval, chunks, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
+    is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
+        and parallel_state.get_data_parallel_rank() == 0
+    step = common.get("step")
+    if is_logger:
+        log.info(f"{evaluator.describe()}; checkpoint {checkpoint} (step {step})")
+    report = evaluator.run()
+    if is_logger:
+        metrics = MetricsWriter(run_dir, True, cfg.tensorboard)
+        publish(report, step, metrics, run_dir / "generations.jsonl", f"{checkpoint} | ")
+        metrics.close()
+    shutdown()
+    return 0
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_job(evaluate_checkpoint, cfg, log, {ConfigError: 2})
+
+
+if __name__ == "__main__":
+    main()
