@@ -85,3 +85,20 @@ def test_held_out_split_never_meets_training():
     assert abs(share - TEST_PERCENT / 100) < 0.03, share
     with pytest.raises(ValueError, match="valid: all, train, test"):
         list(generate(1, split="dev"))
+
+
+def test_cli_writes_a_test_split_and_refuses_an_empty_one(tmp_path, capsys):
+    import json
+
+    from phi4.data.cli import main
+    from phi4.data.synth import Problem, split_of
+
+    main(["synth", "--count", "4", "--split", "test", "--kinds", "trip", "ages", "--out", str(tmp_path / "t.jsonl")])
+    records = [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["trip", "ages", "trip", "ages"]
+    assert {split_of(Problem(r["kind"], r["question"], "", r["answer"])) for r in records} == {"test"}
+    with pytest.raises(SystemExit) as stop:  # 25 small sums: none falls in the test buckets
+        main(["synth", "--count", "2", "--split", "test", "--kinds", "small_sum", "--out", str(tmp_path / "s.jsonl")])
+    assert stop.value.code == 2
+    assert "--split test: problem kind 'small_sum' has no questions in the test split" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # nothing half-written

@@ -1,6 +1,6 @@
 """`phi4-data`: make and prepare training data.
 
-    phi4-data synth --count N [--seed S] --out problems.jsonl
+    phi4-data synth --count N [--seed S] [--split all|train|test] [--kinds K ...] --out problems.jsonl
     phi4-data preprocess --input a.jsonl [b.jsonl ...] --output-prefix data/web [--text-key text] [--workers N]
     phi4-data chat --input chats.jsonl [...] --output-prefix data/sft --seq-length 4096
 """
@@ -28,6 +28,9 @@ def main(argv=None) -> None:
     s = sub.add_parser("synth", help="synthetic arithmetic word problems with worked solutions, as JSONL")
     s.add_argument("--count", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=["all", "train", "test"], default="all",
+                   help="test: only held-out questions (never in a train draw, whatever the seed); train: none of them")
+    s.add_argument("--kinds", nargs="+", default=None, help="problem kinds (default: the word problems of the corpus)")
     s.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("preprocess", help="JSONL documents -> Megatron-Core indexed dataset (.bin/.idx)")
     p.add_argument("--input", type=Path, nargs="+", required=True)
@@ -43,10 +46,16 @@ def main(argv=None) -> None:
     quiet_dependencies()
     try:
         if args.command == "synth":
-            from phi4.data.synth import write_synthetic_jsonl
+            from phi4.data.synth import KINDS, WORD_PROBLEMS, write_synthetic_jsonl
 
-            write_synthetic_jsonl(args.out, args.count, args.seed)
-            print(f"wrote {args.count} problems to {args.out}")
+            unknown = sorted(set(args.kinds or ()) - set(KINDS))
+            if unknown:
+                raise ConfigError(f"--kinds {' '.join(unknown)}: valid kinds are {', '.join(KINDS)}")
+            try:
+                write_synthetic_jsonl(args.out, args.count, args.seed, args.kinds or WORD_PROBLEMS, split=args.split)
+            except ValueError as err:  # a kind with no question in the asked split
+                raise ConfigError(f"--split {args.split}: {err}") from err
+            print(f"wrote {args.count} problems ({args.split} split) to {args.out}")
         elif args.command == "chat":
             from phi4.data.chat import pack_chat
 

@@ -190,10 +190,14 @@ def write_synthetic_jsonl(path: Path, count: int, seed: int, kinds: Sequence[str
     and the question and answer separately for checkers (Pivotal Token Search, evaluation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w") as f:
-        for i, p in enumerate(generate(count, seed, kinds, split)):
-            record = chat_record(p) if chat else {"text": p.text(), "kind": p.kind, "question": p.question,
-                                                  "answer": p.answer}
-            f.write(json.dumps({"id": i, **record}) + "\n")
+    try:
+        with partial.open("w") as f:
+            for i, p in enumerate(generate(count, seed, kinds, split)):
+                record = chat_record(p) if chat else {"text": p.text(), "kind": p.kind, "question": p.question,
+                                                      "answer": p.answer}
+                f.write(json.dumps({"id": i, **record}) + "\n")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(path)
     return count
