@@ -3,6 +3,8 @@
     phi4-data synth --count N [--seed S] [--split all|train|test] [--kinds K ...] --out problems.jsonl
     phi4-data preprocess --input a.jsonl [b.jsonl ...] --output-prefix data/web [--text-key text] [--workers N]
     phi4-data chat --input chats.jsonl [...] --output-prefix data/sft --seq-length 4096
+    phi4-data decontaminate --eval bench.jsonl [...] --input web.jsonl [...] --output-dir clean/ [--ngram 13]
+                            [--removed removed.jsonl] [--text-key text] [--eval-keys prompt ...] [--workers N]
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ def _report_bad_lines(prefix: Path, bad_lines: list[str]) -> None:
         shown = "\n  ".join(bad_lines[:10])
         more = f"\n  ... all {len(bad_lines)} in {prefix}.bad_lines.txt" if len(bad_lines) > 10 else ""
         print(f"skipped {len(bad_lines)} bad line(s):\n  {shown}{more}", file=sys.stderr)
+
+
+def _decontaminate(args) -> None:
+    from phi4.data.decontaminate import EVAL_KEYS, decontaminate
+
+    report = decontaminate(args.input, args.eval, args.output_dir, args.ngram, args.text_key,
+                           args.eval_keys or EVAL_KEYS, args.removed, args.workers, not args.no_progress)
+    for e in report.eval_sets:
+        short = f", {e.too_short} shorter than {report.ngram} words (not checkable)" if e.too_short else ""
+        print(f"eval {e.path}: {e.items} items, {e.ngrams} {report.ngram}-grams{short}; "
+              f"{e.found_in_training} found in the training data")
+    for s in report.sources:
+        share = s.removed_documents / s.documents if s.documents else 0.0
+        print(f"{s.path} -> {s.output}: {s.documents} documents, removed {s.removed_documents} ({share:.2%}), "
+              f"{s.removed_tokens} tokens")
+        _report_bad_lines(Path(s.output), s.bad_lines)
+    where = f"; removed documents in {args.removed}" if args.removed else ""
+    print(f"{report.throughput()}; report in {args.output_dir / 'decontamination.json'}{where}")
 
 
 def main(argv=None) -> None:
@@ -42,6 +62,17 @@ def main(argv=None) -> None:
     c.add_argument("--input", type=Path, nargs="+", required=True)
     c.add_argument("--output-prefix", type=Path, required=True)
     c.add_argument("--seq-length", type=int, required=True, help="train.seq_length of the SFT run")
+    d = sub.add_parser("decontaminate", help="drop training documents sharing an n-gram with evaluation items")
+    d.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation JSONL files")
+    d.add_argument("--input", type=Path, nargs="+", required=True, help="training JSONL files")
+    d.add_argument("--output-dir", type=Path, required=True, help="each input is written here under its own name")
+    d.add_argument("--ngram", type=int, default=13, help="n-gram length in normalized words (default 13)")
+    d.add_argument("--removed", type=Path, default=None, help="write the removed documents here (default: drop)")
+    d.add_argument("--text-key", default="text")
+    d.add_argument("--eval-keys", nargs="+", default=None, help="fields of an evaluation item to take n-grams from "
+                   "(default: prompt question problem text solution answer messages)")
+    d.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    d.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     quiet_dependencies()
     try:
@@ -64,6 +95,8 @@ def main(argv=None) -> None:
                   f"{report.packs} rows of {args.seq_length + 1} tokens ({report.fill:.0%} filled, "
                   f"{report.loss_tokens} of {report.tokens} tokens carry loss)")
             _report_bad_lines(args.output_prefix, report.bad_lines)
+        elif args.command == "decontaminate":
+            _decontaminate(args)
         else:
             from phi4.data.preprocess import preprocess
 
