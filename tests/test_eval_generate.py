@@ -1,9 +1,13 @@
 """The shared decoder (phi4.eval.generate) against transformers' `generate()`: greedy completions of a
-converted checkpoint equal token for token, in a batch of prompts of different lengths, with the
+checkpoint converted by phi4-convert equal token for token, in a batch of prompts of different lengths, with the
 KV cache (TP=1 with two data-parallel ranks, TP=2) and with full forwards through the pipeline
 schedule (PP=2, and TP=2 with sequence parallelism)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,14 +35,15 @@ def _hf_greedy(hf, prompt: list[int], eos: int | None) -> tuple[list[int], float
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from phi4.convert.convert import hf_to_mcore
-
     model = tiny_model(**MODEL)
     hf = phi3_reference(model)
     hf.load_state_dict(random_hf_weights(model, seed=11))
     directory = tmp_path_factory.mktemp("gen")
     hf.save_pretrained(str(directory / "hf"))
-    hf_to_mcore(directory / "hf", directory / "mcore", progress=False)
+    convert = subprocess.run([str(Path(sys.executable).parent / "phi4-convert"), "hf-to-mcore", "--hf",
+                              str(directory / "hf"), "--out", str(directory / "mcore"), "--no-progress"],
+                             capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr[-2000:]
     with torch.no_grad():
         # A stop id the model really emits: prompt 0's fifth greedy token, so one row stops early.
         eos = _hf_greedy(hf, PROMPTS[0], None)[0][4]

@@ -5,16 +5,14 @@
 
 The model's shape comes from the checkpoint; the layout (any TP/PP, cp=1) and precision are
 chosen as for phi4-train. Writes run_dir/metrics.jsonl, tensorboard/ and generations.jsonl.
+Unlike phi4-train and phi4-pts it keeps Python's default signal handling: an evaluation has no
+state worth saving, so SIGTERM ends it at once.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from phi4.runtime import signals
-
-signals.install()  # first: a stop signal during the slow imports below must not kill the job
 
 import hydra
 import torch

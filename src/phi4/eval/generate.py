@@ -150,8 +150,9 @@ class Decoder:
             chosen = self._choose(logits, batch, temperature, top_p, generator)
             writing = (position >= lengths) & ~done
             tokens[:, position] = torch.where(writing, chosen, tokens[:, position])
+            chosen_ids = chosen.tolist()  # one device-to-host copy per step
             for row in writing.nonzero().flatten().tolist():
-                completions[row].append(int(chosen[row]))
+                completions[row].append(chosen_ids[row])
             made += writing.long()
             done |= (writing & torch.isin(chosen, self.stop_ids)) | (made >= max_new_tokens)
             if bool(done.all()) or position == end - 1:
