@@ -118,12 +118,14 @@ def test_default_run(default_run):
     assert "eval heldout_6_1: accuracy" in out.stdout
 
 
-def test_phi4_eval_on_two_data_parallel_ranks_repeats_the_training_eval(default_run, tmp_path):
-    """phi4-eval on the final checkpoint, its problems split over two ranks: the same greedy
-    answers and verdicts as the evaluation inside the training run."""
+@pytest.mark.parametrize("layout", ["topology.tp=1", "topology.pp=2"])
+def test_phi4_eval_on_two_ranks_repeats_the_training_eval(default_run, tmp_path, layout):
+    """phi4-eval on the final checkpoint, on two processes (the problems split over two
+    data-parallel ranks, or the model over two pipeline stages): the same greedy answers and
+    verdicts as the evaluation inside the training run."""
     run, _ = default_run
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "launch/eval.py",
-           f"checkpoint={run}", f"run_dir={tmp_path}", "eval=synthetic_heldout",
+           f"checkpoint={run}", f"run_dir={tmp_path}", "eval=synthetic_heldout", layout,
            *[o for o in GENERATIVE if "every" not in o]]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -133,7 +135,8 @@ def test_phi4_eval_on_two_data_parallel_ranks_repeats_the_training_eval(default_
            [(g["id"], g["response"], g["correct"]) for g in theirs]
     (record,) = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 12 and record["eval/heldout_6_1/problems"] == 6
-    assert "2 data-parallel rank(s)" in out.stdout + out.stderr
+    expected = "2 data-parallel rank(s)" if layout == "topology.tp=1" else "full forward per token, 1 data-parallel"
+    assert expected in out.stdout + out.stderr
 
 
 @pytest.fixture(scope="module")
