@@ -226,10 +226,15 @@ def test_templates_render_the_prompt_as_text(tmp_path):
 def test_context_parallel_and_empty_tasks_are_refused():
     from phi4.eval.evaluator import check_eval
 
-    ev = OmegaConf.load("conf/eval/default.yaml")
+    from helpers import ROOT
+
+    ev = OmegaConf.load(ROOT / "conf/eval/default.yaml")
     with pytest.raises(ConfigError, match="eval.tasks is empty and eval.synthetic is null"):
         check_eval(ev, cp=1)
-    ev.synthetic = {"problems": 4, "seed": 0}
+    ev.tasks = ["no/such/bench.jsonl"]
+    with pytest.raises(ConfigError, match="eval.tasks: not found: no/such/bench.jsonl"):
+        check_eval(ev, cp=1)
+    ev.tasks, ev.synthetic = [], {"problems": 4, "seed": 0}
     with pytest.raises(ConfigError, match="needs topology.cp=1"):
         check_eval(ev, cp=2)
     assert check_eval(ev, cp=1).max_new_tokens == 256

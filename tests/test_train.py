@@ -234,6 +234,9 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
         (["stage=tiny_dpo", "checkpoint.load=/nowhere"], "data.pairs is not set: give the preference JSONL"),
         (["data=synthetic_chat", "train.objective=dpo"], "train.objective=dpo reads data.format preference, not packed_chat"),
         (["data=preference", "data.pairs=/x.jsonl", "train.objective=dpo"], "train.objective=dpo needs the dpo settings"),
+        (["eval.samples=3"], "eval.samples=3 with eval.temperature=0: greedy decoding answers the same each time"),
+        (["eval.tasks=[/no/bench.jsonl]"], "eval.tasks: not found: /no/bench.jsonl"),
+        (["eval.every=-1"], "eval.every=-1 must be 0 (never) or a number of steps"),
     ],
 )
 def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):

@@ -40,6 +40,10 @@ def check_eval(ev: DictConfig, cp: int, seed: int = 0) -> EvalSettings:
     if not ev.tasks and not ev.synthetic:
         raise ConfigError("eval.tasks is empty and eval.synthetic is null: give JSONL files of problems, or "
                           "eval.synthetic={problems: N, seed: S} for the held-out synthetic split")
+    missing = [str(path) for path in ev.tasks if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"eval.tasks: not found: {', '.join(missing)} (JSONL files of problems with 'prompt' "
+                          "and 'answer')")
     check_template(str(ev.template))
     return eval_settings(ev, seed)
 
