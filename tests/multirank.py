@@ -91,8 +91,11 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
+        # Finished ranks get a moment to exit (their writer processes flush); after a failure the
+        # others may wait in a collective forever, so they are killed at once.
+        grace = 10 if len(results) == world_size else 0
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=grace)
         for p in procs:
             if p.is_alive():
                 p.kill()
