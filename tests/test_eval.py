@@ -238,3 +238,12 @@ def test_context_parallel_and_empty_tasks_are_refused():
     with pytest.raises(ConfigError, match="needs topology.cp=1"):
         check_eval(ev, cp=2)
     assert check_eval(ev, cp=1).max_new_tokens == 256
+
+
+def test_decoding_jobs_drop_sequence_parallelism():
+    """phi4-eval and phi4-pts build the model without SP (same weights), so tp > 1 keeps the KV cache."""
+    from helpers import TopologyConfig
+    from phi4.eval.generate import decoding_topology
+
+    assert decoding_topology(TopologyConfig(tp=2, sp=True)) == TopologyConfig(tp=2)
+    assert decoding_topology(TopologyConfig(pp=2)) == TopologyConfig(pp=2)

@@ -29,6 +29,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     from megatron.core import parallel_state
 
     from phi4.eval.evaluator import Evaluator, check_eval, publish
+    from phi4.eval.generate import decoding_topology
     from phi4.model.build import build_phi4_model
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
     from phi4.runtime.distributed import init_distributed, shutdown
@@ -38,7 +39,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     common = checkpoint_common_state(checkpoint)
     model = ModelConfig.from_dict(common[MODEL_CONFIG_KEY])
-    topology = TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True))
+    # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
+    topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
     precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
     check_eval(cfg.eval, topology.cp, cfg.seed)
     init_distributed(model, topology, precision, seed=cfg.seed)

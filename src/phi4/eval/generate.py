@@ -87,6 +87,15 @@ class _FullForwardSteps:
         return self.first(tokens[:, : position + 1])
 
 
+def decoding_topology(topology):
+    """The layout a decoding-only job (phi4-eval, phi4-pts) builds its model in: the given one
+    without sequence parallelism, which only saves activation memory in training and would cost
+    the KV cache (a one-token step cannot be split over the tensor-parallel ranks)."""
+    import dataclasses
+
+    return dataclasses.replace(topology, sp=False) if topology.sp else topology
+
+
 class Decoder:
     """Greedy (temperature 0) or sampled completions of token-id prompts from model chunks built
     by `build_phi4_model` (DDP-wrapped or not). Every rank of a model-parallel group gets the same

@@ -60,6 +60,7 @@ def search(cfg: DictConfig) -> int:
 
     from phi4.data.chat import message_ids
     from phi4.data.tokenizer import get_tokenizer
+    from phi4.eval.generate import decoding_topology
     from phi4.model.build import build_phi4_model
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
     from phi4.posttrain.generate import MegatronPolicy
@@ -72,7 +73,8 @@ def search(cfg: DictConfig) -> int:
     p = cfg.pts
     checkpoint = resolve_checkpoint(p.checkpoint)
     model = ModelConfig.from_dict(checkpoint_common_state(checkpoint)[MODEL_CONFIG_KEY])
-    topology = TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True))
+    # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
+    topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
     precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
     if topology.pp != 1 or topology.cp != 1:
         raise ConfigError(f"phi4-pts samples with whole models per tensor-parallel group: topology.pp={topology.pp} "
