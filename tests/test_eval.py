@@ -247,3 +247,42 @@ def test_decoding_jobs_drop_sequence_parallelism():
 
     assert decoding_topology(TopologyConfig(tp=2, sp=True)) == TopologyConfig(tp=2)
     assert decoding_topology(TopologyConfig(pp=2)) == TopologyConfig(pp=2)
+
+
+def test_a_stopped_evaluation_resumes_where_it_stopped(tmp_path):
+    """Stopped after its first batch, then run again with what the first run recorded: only the
+    other problems are asked, and the report is the uninterrupted run's."""
+    from phi4.data.tokenizer import get_tokenizer
+    from phi4.eval.run import EvalStopped
+
+    items = _problems(tmp_path)
+    tok = get_tokenizer()
+    right = {0, 5, 6, 13}
+    settings = EvalSettings(batch_size=4)
+    straight = evaluate(items, StandIn(items, right), tok.decode, {tok.eos_id}, settings)
+    recorded = []
+    with pytest.raises(EvalStopped, match="stopped after 4 of 14 problems"):
+        evaluate(items, StandIn(items, right), tok.decode, {tok.eos_id}, settings, record=recorded.extend,
+                 should_stop=lambda: True)
+    assert [g["index"] for g in recorded] == [0, 1, 2, 3]
+    model = StandIn(items, right)
+    resumed = evaluate(items, model, tok.decode, {tok.eos_id}, settings, done=recorded)
+    assert set(model.seen) == set(range(4, 14))
+    assert resumed.scores == straight.scores and resumed.generations == straight.generations
+
+
+def test_part_files_lose_only_a_torn_last_line(tmp_path):
+    from phi4.data.jsonl import append_records, read_part
+
+    part = tmp_path / "part-00000-of-00001.jsonl"
+    with part.open("a") as f:
+        append_records(f, [{"index": 0}, {"index": 1}])
+    with part.open("a") as f:
+        f.write('{"index": 2, "resp')  # killed mid-write
+    with pytest.raises(ConfigError, match="ends in a partial line"):
+        read_part(part, repair=False)
+    assert read_part(part, repair=True) == [{"index": 0}, {"index": 1}]
+    assert part.read_text().endswith('{"index": 1}\n')
+    part.write_text('{"index": 0}\nnot json\n{"index": 2}\n')
+    with pytest.raises(ConfigError, match="line 2 is not valid JSON"):
+        read_part(part, repair=True)

@@ -139,6 +139,34 @@ def test_phi4_eval_on_two_ranks_repeats_the_training_eval(default_run, tmp_path,
     assert expected in out.stdout + out.stderr
 
 
+def test_phi4_eval_stops_on_sigterm_and_resumes(default_run, tmp_path):
+    """SIGTERM after the first answered problem: exit 75 with it in the part file; the rerun asks
+    only the rest and writes the training run's answers; a rerun with other settings is refused."""
+    run, _ = default_run
+    cmd = [str(BIN / "phi4-eval"), f"checkpoint={run}", f"run_dir={tmp_path}", "eval=synthetic_heldout",
+           *[o for o in GENERATIVE if "every" not in o and "batch_size" not in o], "eval.batch_size=1"]
+    part = tmp_path / "parts" / "part-00000-of-00001.jsonl"
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not (part.exists() and part.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == EXIT_RESUMABLE, log.read_text()[-3000:]
+    first = part.read_text().count("\n")
+    assert 1 <= first < 6 and "exit 75 to resume" in log.read_text()
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"({first} from an earlier run)" in again.stdout + again.stderr
+    ours = [json.loads(l) for l in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    theirs = [json.loads(l) for l in (run / "generations" / "step_0000012.jsonl").read_text().splitlines()]
+    assert [(g["id"], g["response"]) for g in ours] == [(g["id"], g["response"]) for g in theirs]
+    other = subprocess.run([*cmd, "eval.max_new_tokens=11"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 2 and "holds an evaluation of another checkpoint, other settings" in other.stderr
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache):
     """10 uninterrupted fp32 steps: the reference of the resume and bf16 tests."""

@@ -5,14 +5,19 @@
 
 The model's shape comes from the checkpoint; the layout (any TP/PP, cp=1) and precision are
 chosen as for phi4-train. Writes run_dir/metrics.jsonl, tensorboard/ and generations.jsonl.
-Unlike phi4-train and phi4-pts it keeps Python's default signal handling: an evaluation has no
-state worth saving, so SIGTERM ends it at once.
+Resumable: each data-parallel rank appends every answered batch to run_dir/parts/, and a rerun
+in the same run_dir asks only what is missing. SIGTERM/SIGUSR1 (SLURM's warning before a time
+limit) stops after the current batch with exit 75, for a requeue.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+from phi4.runtime import signals
+
+signals.install()  # first: a stop signal during the slow imports below must not kill the job
 
 import hydra
 import torch
@@ -30,6 +35,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
 
     from phi4.eval.evaluator import Evaluator, check_eval, publish
     from phi4.eval.generate import decoding_topology
+    from phi4.eval.run import EvalStopped
     from phi4.model.build import build_phi4_model
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
     from phi4.runtime.distributed import init_distributed, shutdown
@@ -57,7 +63,19 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     step = common.get("step")
     if is_logger:
         log.info(f"{evaluator.describe()}; checkpoint {checkpoint} (step {step})")
-    report = evaluator.run()
+
+    def should_stop() -> bool:  # the ranks of a model-parallel group answer the same batches: they stop together
+        flag = torch.tensor([1.0 if signals.received() else 0.0], device=evaluator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_model_parallel_group())
+        return bool(flag.item())
+
+    try:
+        report = evaluator.run(run_dir / "parts", str(checkpoint.resolve()), should_stop)
+    except EvalStopped as stopped:
+        log.info(f"rank {torch.distributed.get_rank()}: {stopped} ({signals.received()}); exit 75 to resume")
+        shutdown()
+        return 75
     if is_logger:
         metrics = MetricsWriter(run_dir, True, cfg.tensorboard)
         publish(report, step, metrics, run_dir / "generations.jsonl", f"{checkpoint} | ")

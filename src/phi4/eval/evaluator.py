@@ -9,6 +9,9 @@ its verdict (JSONL).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -107,16 +110,55 @@ class Evaluator:
         generator = torch.Generator(device=self.device).manual_seed(seed) if s.temperature > 0 else None
         return self.decoder.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, generator)
 
-    def run(self) -> EvalReport:
+    def fingerprint(self, checkpoint: str) -> dict:
+        """What a resumed evaluation must share with the run it continues."""
+        problems = hashlib.sha256()
+        for item in self.items:
+            problems.update(json.dumps([item.task, item.id, item.prompt_ids, item.record], sort_keys=True).encode())
+        return dict(checkpoint=checkpoint, settings=dataclasses.asdict(self.settings), problems=problems.hexdigest())
+
+    def _resume(self, parts: Path, fingerprint: dict):
+        """(earlier generations of this data-parallel rank, a function appending new ones): the
+        first rank of each model-parallel group writes; every rank reads."""
+        from megatron.core import parallel_state
+
+        from phi4.data.jsonl import part_path, read_part
+
+        saved = parts / "eval.json"
+        if torch.distributed.get_rank() == 0 and not saved.exists():
+            parts.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(fingerprint, indent=1) + "\n")
+        torch.distributed.barrier()
+        if json.loads(saved.read_text()) != json.loads(json.dumps(fingerprint)):
+            raise ConfigError(f"{parts} holds an evaluation of another checkpoint, other settings or other problems "
+                              f"(see {saved}): use another run_dir, or delete {parts} to start again")
+        part = part_path(parts, self.dp_rank, self.dp)
+        writer = torch.distributed.get_rank(group=parallel_state.get_model_parallel_group()) == 0
+        if writer:
+            read_part(part, repair=True)  # a line cut short by a kill goes
+        torch.distributed.barrier()
+        done = read_part(part, repair=False)
+        return done, part.open("a") if writer else None
+
+    def run(self, parts: Optional[Path] = None, checkpoint: str = "", should_stop=None) -> EvalReport:
+        """Evaluate the chunks as they are now. With `parts` (phi4-eval), every answered batch is
+        appended to this rank's part file there, and a rerun skips what it holds."""
+        from phi4.data.jsonl import append_records
+
+        done, part = self._resume(parts, self.fingerprint(checkpoint)) if parts is not None else ((), None)
+        record = None if part is None else lambda records: append_records(part, records)
         modes = [chunk.training for chunk in self.chunks]
         for chunk in self.chunks:
             chunk.eval()
         try:
             return evaluate(self.items, self._complete, self.tok.decode, self.stop_ids, self.settings, self.dp_rank,
-                            self.dp, _gather_data_parallel if self.dp > 1 else None)
+                            self.dp, _gather_data_parallel if self.dp > 1 else None, done=done, record=record,
+                            should_stop=should_stop)
         finally:
             for chunk, mode in zip(self.chunks, modes):
                 chunk.train(mode)
+            if part is not None:
+                part.close()
 
 
 def publish(report: EvalReport, step: Optional[int], metrics, generations_path: Path, header: str = "") -> None:

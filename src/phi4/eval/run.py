@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from phi4.errors import ConfigError
 from phi4.eval.score import TaskScore, score_task
@@ -61,31 +61,56 @@ def _cut(response: str, stop: tuple[str, ...]) -> str:
     return response[: min(ends)] if ends else response
 
 
+class EvalStopped(Exception):
+    """A stop was asked for between batches; what was answered is in the part file."""
+
+
+def _judge(item: EvalItem, index: int, sample: int, ids: list[int], decode: Callable[[list[int]], str],
+           stop_ids: set[int], stop: tuple[str, ...]) -> dict:
+    stopped = bool(ids) and ids[-1] in stop_ids
+    response = _cut(decode(ids[:-1] if stopped else ids), stop)
+    record = dict(index=index, task=item.task, id=item.id, sample=sample, prompt=item.prompt,
+                  answer=item.record.get("answer"), response=response, tokens=len(ids), stopped=stopped)
+    try:
+        record["correct"] = bool(item.checker(item.record, response))
+    except Exception as err:  # a pluggable checker's failure costs one verdict, not the run
+        record.update(correct=False, checker_error=f"{type(err).__name__}: {err}")
+    return record
+
+
 def evaluate(items: list[EvalItem], complete: Complete, decode: Callable[[list[int]], str], stop_ids: set[int],
              settings: EvalSettings, dp_rank: int = 0, dp: int = 1, gather: Optional[Gather] = None,
-             progress: bool = True) -> EvalReport:
-    """Answer, judge and score every problem; this rank answers items dp_rank, dp_rank + dp, ..."""
-    mine = list(range(dp_rank, len(items), dp))
+             progress: bool = True, done: Sequence[dict] = (), record: Optional[Callable[[list[dict]], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> EvalReport:
+    """Answer, judge and score every problem; this rank answers items dp_rank, dp_rank + dp, ...
+
+    Resuming: `done` holds generations of an earlier run (its part file); problems with all their
+    samples there are not asked again. `record` receives each batch's generations as soon as they
+    are judged (to append to the part file), and `should_stop`, asked after each batch, ends the
+    run with EvalStopped."""
     n = settings.samples
-    generations: list[dict] = []
-    for batch, start in enumerate(range(0, len(mine), settings.batch_size)):
-        chosen = mine[start : start + settings.batch_size]
+    mine = list(range(dp_rank, len(items), dp))
+    earlier: dict[int, dict[int, dict]] = {}
+    for g in done:
+        earlier.setdefault(g["index"], {})[g["sample"]] = g
+    finished = [i for i in mine if len(earlier.get(i, {})) == n]
+    generations = [earlier[i][s] for i in finished for s in range(n)]
+    todo = [i for i in mine if i not in set(finished)]
+    for batch, start in enumerate(range(0, len(todo), settings.batch_size)):
+        chosen = todo[start : start + settings.batch_size]
         prompts = [items[i].prompt_ids for i in chosen for _ in range(n)]
-        completions = complete(prompts, settings.seed * 1_000_003 + dp_rank * 10_007 + batch)
-        for row, ids in enumerate(completions):
-            index = chosen[row // n]
-            item = items[index]
-            stopped = bool(ids) and ids[-1] in stop_ids
-            response = _cut(decode(ids[:-1] if stopped else ids), settings.stop)
-            record = dict(index=index, task=item.task, id=item.id, sample=row % n, prompt=item.prompt,
-                          answer=item.record.get("answer"), response=response, tokens=len(ids), stopped=stopped)
-            try:
-                record["correct"] = bool(item.checker(item.record, response))
-            except Exception as err:  # a pluggable checker's failure costs one verdict, not the run
-                record.update(correct=False, checker_error=f"{type(err).__name__}: {err}")
-            generations.append(record)
+        completions = complete(prompts, settings.seed * 1_000_003 + dp_rank * 10_007 + len(finished) + start)
+        new = [_judge(items[chosen[row // n]], chosen[row // n], row % n, ids, decode, stop_ids, settings.stop)
+               for row, ids in enumerate(completions)]
+        generations += new
+        if record is not None:
+            record(new)
+        answered = len(finished) + min(start + settings.batch_size, len(todo))
         if progress and dp_rank == 0:
-            log.info(f"eval: {min(start + settings.batch_size, len(mine))}/{len(mine)} problems on rank 0")
+            resumed = f" ({len(finished)} from an earlier run)" if finished else ""
+            log.info(f"eval: {answered}/{len(mine)} problems on rank 0{resumed}")
+        if should_stop is not None and should_stop() and answered < len(mine):
+            raise EvalStopped(f"stopped after {answered} of {len(mine)} problems")
     if gather is not None:
         generations = gather(generations)
     generations.sort(key=lambda g: (g["index"], g["sample"]))

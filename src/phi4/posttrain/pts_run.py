@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from phi4.data.jsonl import append_records, part_path, read_part
 from phi4.errors import ConfigError
 from phi4.posttrain.pts import Checker, Decode, PolicyModel, PTSSettings, search_problem
 
@@ -26,37 +27,9 @@ class PTSProgress:
         return self.kept / self.done if self.done else 0.0
 
 
-def part_path(output_dir: Path, rank: int, world_size: int) -> Path:
-    return Path(output_dir) / f"part-{rank:05d}-of-{world_size:05d}.jsonl"
-
-
 def _finished_marker(part: Path) -> Path:
     """Written once a rank has done all its problems: a part file alone may be a crashed rank's."""
     return part.with_suffix(".done")
-
-
-def _read_part(part: Path, repair: bool) -> list[dict]:
-    """The problem records of a part file. A last line cut short by a crash is dropped and, with
-    `repair`, truncated away so that appending goes on from a whole line; any other bad line is an error."""
-    if not part.exists():
-        return []
-    data = part.read_bytes()
-    lines = data.split(b"\n")  # the last item is b"" when the file ends with a whole line
-    records, good_bytes = [], 0
-    for number, line in enumerate(lines[:-1], start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number < len(lines) - 1 or lines[-1] or not repair:
-                raise ConfigError(f"{part} line {number} is not valid JSON ({e}): a corrupt PTS part file") from e
-            break
-        good_bytes += len(line) + 1
-    if good_bytes < len(data):
-        if not repair:
-            raise ConfigError(f"{part} ends in a partial line: its rank did not finish writing it")
-        with part.open("r+b") as f:
-            f.truncate(good_bytes)
-    return records
 
 
 def run_pts(problems: Sequence[dict], model: PolicyModel, checker: Checker, query_ids_fn: Callable[[dict], list[int]],
@@ -74,7 +47,7 @@ def run_pts(problems: Sequence[dict], model: PolicyModel, checker: Checker, quer
     mine, share = list(problems)[rank::world_size], set(ids[rank::world_size])
     part = part_path(output_dir, rank, world_size)
     part.parent.mkdir(parents=True, exist_ok=True)
-    records = _read_part(part, repair=True)
+    records = read_part(part, repair=True)
     for record in records:  # a part file resumed under other settings or problems would mix two searches
         if record.get("settings") != asdict(settings):
             raise ConfigError(f"{part} was written with settings {record.get('settings')}, not {asdict(settings)}: "
@@ -93,9 +66,7 @@ def run_pts(problems: Sequence[dict], model: PolicyModel, checker: Checker, quer
         for problem in remaining:
             result = search_problem(model, checker, problem, query_ids_fn(problem), decode, settings, eos_id)
             result["settings"] = asdict(settings)
-            f.write(json.dumps(result) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            append_records(f, [result])
             state = PTSProgress(state.done + 1, state.total, state.kept + result["kept"],
                                 state.pairs + len(result["pairs"]))
             if progress:
@@ -129,7 +100,7 @@ def merge_parts(output_dir: Path, out_path: Path) -> int:
     count = 0
     with partial.open("w") as f:
         for rank in range(world_size):
-            for record in _read_part(parts[rank, world_size], repair=False):
+            for record in read_part(parts[rank, world_size], repair=False):
                 for pair in record["pairs"]:
                     f.write(json.dumps(pair) + "\n")
                     count += 1
