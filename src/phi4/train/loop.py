@@ -157,7 +157,7 @@ def train(cfg: DictConfig) -> int:
     from phi4.train.checkpoint import (MODEL_CONFIG_KEY, RunCheckpointer, latest_checkpoint, load_model_weights,
                                        resolve_checkpoint, weights_fingerprint)
     from phi4.model.flops import flops_per_token
-    from phi4.train.metrics import MetricsWriter, device_peak_tflops, memory_gb
+    from phi4.train.metrics import MetricsWriter, StepLog, device_peak_tflops
     from phi4.train.step import OptimSettings, build_optimizer, wrap_ddp
 
     model, topology, precision = settings(cfg)
@@ -250,17 +250,18 @@ def train(cfg: DictConfig) -> int:
         shutdown()
         return 0
     flops_token = flops_per_token(model, t.seq_length)
-    peak = device_peak_tflops(t.peak_tflops)
     tokens_per_step = t.global_batch_size * t.seq_length
     if objective_name == "dpo":  # a pair is two rows, and the reference's forward adds a third of a step's FLOPs
         tokens_per_step, flops_token = 2 * tokens_per_step, flops_token * 4 / 3
-    in_a_row, window_start, window_steps, exit_code = 0, time.perf_counter(), 0, 0
+    step_log = StepLog(metrics, steps, tokens_per_step, flops_token, launch.world_size,
+                       device_peak_tflops(t.peak_tflops))
+    in_a_row, exit_code = 0, 0
     while step < steps:
         micro = collate(batches.next())
         assert len(micro) == get_num_microbatches()
         result = objective.train_step(ddp, optimizer, micro)
         step += 1
-        window_steps += 1
+        step_log.window_steps += 1
         if result["update_successful"]:
             scheduler.step(increment=1)
             in_a_row = 0
@@ -277,22 +278,7 @@ def train(cfg: DictConfig) -> int:
         checkpointer.poll()
 
         if step % t.log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            tflops = tokens_per_s * flops_token / launch.world_size / 1e12
-            if is_logger:  # the loss lives on the last pipeline stage
-                scores = {k: v for k, v in result.items() if k not in ("loss", "grad_norm", "update_successful")}
-                record = dict(step=step, loss=result["loss"], lr=optimizer.param_groups[0]["lr"],
-                              grad_norm=result["grad_norm"], tokens_per_s=tokens_per_s, tflops_per_gpu=tflops,
-                              mfu=tflops / peak if peak else None, memory_gb=memory_gb(), skipped_steps=skipped,
-                              **scores)
-                mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
-                extra = objective.describe(result)
-                metrics.write(record, f"step {step:>6}/{steps} | loss {result['loss']:.4f} | lr {record['lr']:.2e} | "
-                                      f"grad norm {result['grad_norm']:.3f} | {extra + ' | ' if extra else ''}"
-                                      f"{tokens_per_s:,.0f} tokens/s | {tflops:.2f} TFLOP/s/GPU | MFU {mfu} | "
-                                      f"mem {record['memory_gb']:.1f} GB")
-            window_start, window_steps = time.perf_counter(), 0
+            step_log.write(step, result, optimizer.param_groups[0]["lr"], skipped, objective.describe)
         if valid and t.eval_every and (step % t.eval_every == 0 or step == steps):
             val = objective.evaluate(ddp, collate(valid))
             if is_logger:
