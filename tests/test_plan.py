@@ -32,9 +32,9 @@ LAYOUTS = {
     "dp2_bf16": (TopologyConfig(), "bf16", 64, 2, 8),
     "tp2_sp": (TopologyConfig(tp=2, sp=True), "fp32", 128, 2, 4),
     "pp2_vp2": (TopologyConfig(pp=2, vp=2), "fp32", 128, 2, 8),
-    "pp2_full": (TopologyConfig(pp=2, recompute="full"), "fp32", 256, 4, 16),
-    "pp2_long": (TopologyConfig(pp=2), "fp32", 256, 4, 16),
-    "pp2_long_selective": (TopologyConfig(pp=2, recompute="selective"), "fp32", 256, 4, 16),
+    "pp2_full": (TopologyConfig(pp=2, recompute="full"), "fp32", 256, 4, 8),
+    "pp2_long": (TopologyConfig(pp=2), "fp32", 256, 4, 8),
+    "pp2_long_selective": (TopologyConfig(pp=2, recompute="selective"), "fp32", 256, 4, 8),
 }
 
 
