@@ -118,8 +118,8 @@ class Evaluator:
         return dict(checkpoint=checkpoint, settings=dataclasses.asdict(self.settings), problems=problems.hexdigest())
 
     def _resume(self, parts: Path, fingerprint: dict):
-        """(earlier generations of this data-parallel rank, a function appending new ones): the
-        first rank of each model-parallel group writes; every rank reads."""
+        """(earlier generations of this data-parallel rank, its part file open for appending on the
+        first rank of each model-parallel group, else None): that rank writes, every rank reads."""
         from megatron.core import parallel_state
 
         from phi4.data.jsonl import part_path, read_part
