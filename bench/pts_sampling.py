@@ -1,5 +1,5 @@
 """Benchmark PTS's rollouts: sampling from the Megatron-Core model with its KV cache
-(phi4.posttrain.generate) against a full forward at every new token (phi4.posttrain.sampling),
+(phi4.posttrain.generate) against a full forward at every new token (sample_tokens, the tests' reference),
 on the tiny model in one process: completions/s and new tokens/s.
 
     python bench/pts_sampling.py [--samples 16] [--prompt 24] [--new 24] [--repeats 3]
@@ -27,10 +27,9 @@ def main() -> None:
 
     import torch
 
-    from helpers import FP32, TopologyConfig, tiny_model
+    from helpers import FP32, TopologyConfig, sample_tokens, tiny_model
     from phi4.model.build import build_phi4_model
     from phi4.posttrain.generate import MegatronPolicy
-    from phi4.posttrain.sampling import sample_tokens
     from phi4.runtime.distributed import init_distributed
 
     model = tiny_model()

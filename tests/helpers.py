@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.hf_weights import hf_shapes
+from phi4.posttrain.sampling import LogitsFn, top_p_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,51 @@ def load_in_layouts(model: ModelConfig, layouts: dict, checkpoint: str):
         chunks = build_phi4_model(model, topology, FP32)
         load_model_weights(chunks, checkpoint)
         yield name, chunks
+
+
+# The reference sampler: a full forward at every token, no cache (the decoder is tested against it).
+@torch.no_grad()
+def sample_tokens(
+    logits_fn: LogitsFn,
+    prefix_ids: list[int],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int | None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> list[list[int]]:
+    """`n` completions of `prefix_ids`, sampled together: each stops after it emits `eos_id` (kept
+    as its last token) or after `max_new_tokens`. Temperature 0 is greedy decoding.
+
+    The logits are recomputed over the whole sequence at each step (no KV cache): correctness
+    first. Rows that have finished leave the batch, so the rows fed to `logits_fn` always have the
+    same length and need no padding. Tensors live on `device`, else on the generator's device."""
+    if not prefix_ids:
+        raise ValueError("sample_tokens needs a non-empty prefix: an empty one has no next-token logits")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    rows = torch.tensor([list(prefix_ids)] * n, dtype=torch.long, device=device)
+    active = torch.arange(n, device=device)  # the original index of each row still sampling
+    completions: list[list[int]] = [[] for _ in range(n)]
+    for _ in range(max_new_tokens):
+        if active.numel() == 0:
+            break
+        logits = logits_fn(rows)[:, -1, :].float()
+        if temperature == 0:
+            chosen = logits.argmax(dim=-1)
+        else:
+            probs = top_p_filter(logits / temperature, top_p).softmax(dim=-1)
+            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        for row, token in zip(active.tolist(), chosen.tolist()):
+            completions[row].append(token)
+        going_on = chosen != eos_id if eos_id is not None else torch.ones_like(chosen, dtype=torch.bool)
+        rows = torch.cat([rows, chosen[:, None]], dim=1)[going_on]
+        active = active[going_on]
+    return completions
 
 
 FP32 = PrecisionConfig(dtype="fp32")

@@ -40,7 +40,8 @@ class LogitsPolicy:
 
     def token_logprobs(self, prefix_ids, tokens):
         return token_logprobs(self.logits_fn, prefix_ids, tokens)
-from phi4.posttrain.sampling import sample_tokens, token_logprobs, top_p_filter
+from helpers import sample_tokens
+from phi4.posttrain.sampling import token_logprobs, top_p_filter
 
 EOS, WIN, LOSE = 1, 2, 3
 UP, DOWN = 1000, 2000  # UP + k / DOWN + k: first tokens, at depth k, of rollouts that all win / all lose

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from helpers import FP32, TopologyConfig, tiny_model
+from helpers import FP32, TopologyConfig, sample_tokens, tiny_model
 from multirank import run_ranks
 
 
 def _both_samplers() -> dict:
     from phi4.model.build import build_phi4_model
     from phi4.posttrain.generate import MegatronPolicy
-    from phi4.posttrain.sampling import sample_tokens
     from phi4.runtime.distributed import init_distributed
 
     model = tiny_model(vocab_size=1024, num_layers=2)

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -94,7 +94,7 @@ class EvalNgrams:
 
     @classmethod
     def build(cls, paths: list[Path], n: int, keys: Iterable[str] = EVAL_KEYS) -> "EvalNgrams":
-        from phi4.data.jsonl import BadLine, jsonl_records
+        from phi4.data.jsonl import checked_records
 
         keys = tuple(keys)
         owners: dict[int, list[int]] = {}
@@ -104,9 +104,7 @@ class EvalNgrams:
                 raise ConfigError(f"--eval {path}: not found (a JSONL of evaluation items)")
             report = EvalSetReport(str(path))
             set_hashes: set[int] = set()
-            for where, record in jsonl_records(path):
-                if isinstance(record, BadLine):
-                    raise ConfigError(f"--eval {where}: {record}")
+            for where, record in checked_records(path, "--eval "):
                 if not isinstance(record, dict):
                     raise ConfigError(f"--eval {where}: an evaluation item is a JSON object")
                 item = len(item_set)
@@ -218,9 +216,10 @@ def _batches(path: Path, lines_per_batch: int) -> Iterator[list[str]]:
 
 def _outputs(inputs: list[Path], output_dir: Path) -> list[Path]:
     outputs = [output_dir / p.name for p in inputs]
-    if len(set(outputs)) != len(outputs):
+    shared = sorted(name for name, count in Counter(p.name for p in inputs).items() if count > 1)
+    if shared:
         raise ConfigError(f"--input: two inputs share a file name, and each is written to --output-dir under its own "
-                          f"name: {', '.join(sorted({p.name for p in inputs if [q.name for q in inputs].count(p.name) > 1}))}")
+                          f"name: {', '.join(shared)}")
     clash = [str(p) for p, out in zip(inputs, outputs) if out.resolve() == p.resolve()]
     if clash:
         raise ConfigError(f"--output-dir {output_dir} would overwrite the input {clash[0]}: choose another directory")
@@ -270,9 +269,10 @@ def decontaminate(inputs: list[Path], eval_paths: list[Path], output_dir: Path, 
                     def drain_one():
                         nonlocal line_no
                         lines, result = pending.popleft()
+                        nbytes = sum(len(line.encode("utf-8")) for line in lines)
+                        source.bytes += nbytes
                         for line, verdict in zip(lines, result.get()):
                             line_no += 1
-                            source.bytes += len(line.encode("utf-8"))
                             if not line.strip():
                                 continue
                             if verdict[0] == "bad":
@@ -288,7 +288,7 @@ def decontaminate(inputs: list[Path], eval_paths: list[Path], output_dir: Path, 
                                 items_found.update(ngrams.owners.get(h, ()))
                             if removed_file:
                                 removed_file.write(line if line.endswith("\n") else line + "\n")
-                        bar.update(sum(len(line.encode("utf-8")) for line in lines))
+                        bar.update(nbytes)
 
                     for batch in _batches(path, lines_per_batch):
                         pending.append((batch, pool.apply_async(_check_lines, (batch,))))

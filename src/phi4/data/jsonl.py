@@ -29,6 +29,15 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[str, Union[object, BadLine
                 yield where, BadLine(f"not valid JSON ({err.msg} at column {err.colno})")
 
 
+def checked_records(path: str | Path, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(where, record) for every non-blank line; the first line that is not valid JSON stops with
+    one ConfigError naming `prefix`, the file and the line."""
+    for where, record in jsonl_records(path):
+        if isinstance(record, BadLine):
+            raise ConfigError(f"{prefix}{where}: {record}")
+        yield where, record
+
+
 def part_path(directory: Path, rank: int, world_size: int) -> Path:
     """One rank's part file in `directory`."""
     return Path(directory) / f"part-{rank:05d}-of-{world_size:05d}.jsonl"

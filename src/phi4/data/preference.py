@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from phi4.data.chat import ROLES
-from phi4.data.jsonl import BadLine, jsonl_records
+from phi4.data.jsonl import checked_records
 from phi4.errors import ConfigError
 
 FORMS = ("prompt_ids/chosen_ids/rejected_ids", "prompt/chosen/rejected", "prompt/responses[{text, score}]")
@@ -57,9 +57,7 @@ def read_pairs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"preference data {path} not found (a JSONL of pairs; PTS writes one: phi4-pts)")
     pairs = []
-    for where, record in jsonl_records(path):
-        if isinstance(record, BadLine):
-            raise ConfigError(f"{where}: {record}")
+    for where, record in checked_records(path):
         pairs.append(_check(record, where))
     if not pairs:
         raise ConfigError(f"{path} holds no preference pairs")

@@ -80,14 +80,15 @@ class Evaluator:
     """Built once per run over the run's chunks; `run()` evaluates them as they are now."""
 
     def __init__(self, ev: DictConfig, chunks: list, max_positions: int, vocab_size: int, run_dir: Path,
-                 seed: int, cp: int = 1):
+                 seed: int):
+        """`ev` checked by `check_eval` first (the entry points do, before any process group)."""
         from megatron.core import parallel_state
 
         from phi4.data.tokenizer import get_tokenizer
         from phi4.eval.generate import Decoder
         from phi4.eval.tasks import load_items
 
-        self.settings = check_eval(ev, cp, seed)
+        self.settings = eval_settings(ev, seed)
         self.chunks = chunks
         paths = task_files(ev, Path(run_dir), torch.distributed.get_rank())
         self.items = load_items(paths, str(ev.template), str(ev.checker), max_positions, self.settings.max_new_tokens)

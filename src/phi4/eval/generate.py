@@ -101,8 +101,7 @@ class Decoder:
     by `build_phi4_model` (DDP-wrapped or not). Every rank of a model-parallel group gets the same
     tokens; for sampling, give each the same seeded generator."""
 
-    def __init__(self, chunks: list, vocab_size: int, stop_ids: Iterable[int], device: str | torch.device = "cpu",
-                 kv_cache: Optional[bool] = None):
+    def __init__(self, chunks: list, vocab_size: int, stop_ids: Iterable[int], device: str | torch.device = "cpu"):
         from megatron.core import parallel_state
 
         from phi4.model.build import unwrap
@@ -112,9 +111,7 @@ class Decoder:
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self.net = unwrap(chunks[0])
         sequence_parallel = self.net.config.sequence_parallel
-        self.kv_cache = (not self.pipeline and not sequence_parallel) if kv_cache is None else kv_cache
-        if self.kv_cache and (self.pipeline or sequence_parallel):
-            raise ValueError("the KV-cache decoder needs pp=1 and no sequence parallelism")
+        self.kv_cache = not self.pipeline and not sequence_parallel
         self.pad_to = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
 
     def _choose(self, logits: Optional[torch.Tensor], batch: int, temperature: float, top_p: float,

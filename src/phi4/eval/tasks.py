@@ -49,7 +49,7 @@ def load_items(paths: list[Path], template: str, default_checker: str, max_lengt
                max_new_tokens: int = 0) -> list[EvalItem]:
     """Every problem of the files, in order; a bad line, an unknown checker or a prompt that leaves
     no room for `max_new_tokens` within `max_length` positions stops with its file and line."""
-    from phi4.data.jsonl import BadLine, jsonl_records
+    from phi4.data.jsonl import checked_records
 
     check_template(template)
     checkers: dict[str, Checker] = {}
@@ -57,9 +57,7 @@ def load_items(paths: list[Path], template: str, default_checker: str, max_lengt
     for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"eval.tasks: {path} not found (a JSONL of problems with 'prompt' and 'answer')")
-        for where, record in jsonl_records(path):
-            if isinstance(record, BadLine):
-                raise ConfigError(f"{where}: {record}")
+        for where, record in checked_records(path):
             prompt = record.get("prompt", record.get("question")) if isinstance(record, dict) else None
             if not isinstance(prompt, str) or not prompt:
                 raise ConfigError(f"{where}: a problem is an object with a 'prompt' (or 'question') string and an "

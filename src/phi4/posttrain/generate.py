@@ -1,7 +1,7 @@
 """Pivotal Token Search's `PolicyModel` over a Megatron-Core model: rollouts from the shared decoder
 (phi4.eval.generate, with its KV cache), log-probabilities from a plain forward. The sampled
-distribution is the same as `phi4.posttrain.sampling.sample_tokens` over full forwards
-(tests/test_pts_model.py compares the two).
+distribution is the same as sampling with a full forward at every token (tests/test_pts_model.py
+compares the two).
 """
 
 from __future__ import annotations

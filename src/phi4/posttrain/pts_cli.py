@@ -33,7 +33,7 @@ class Stopped(Exception):
 
 
 def _problems(cfg: DictConfig, rank: int) -> list[dict]:
-    from phi4.data.jsonl import BadLine, jsonl_records
+    from phi4.data.jsonl import checked_records
     from phi4.data.synth import write_synthetic_jsonl
 
     p = cfg.pts
@@ -45,9 +45,7 @@ def _problems(cfg: DictConfig, rank: int) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"pts.problems={path} not found (a JSONL of problems with 'id', 'question', 'answer')")
     problems = []
-    for where, problem in jsonl_records(path):
-        if isinstance(problem, BadLine):
-            raise ConfigError(f"{where}: {problem}")
+    for where, problem in checked_records(path):
         if not isinstance(problem, dict) or not isinstance(problem.get("question"), str):
             raise ConfigError(f"{where}: a problem is an object with 'id' and 'question' (and what its checker reads)")
         problems.append(problem)
