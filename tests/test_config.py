@@ -75,9 +75,13 @@ def test_fp8_mapping():
 
     te_model = dataclasses.replace(tiny_model(), backend="te")
     c = transformer_config(te_model, TopologyConfig(), load_precision("fp8"))
-    assert c.bf16 and c.fp8 == "hybrid" and c.fp8_recipe == "delayed"
-    assert (c.fp8_amax_history_len, c.fp8_amax_compute_algo, c.fp8_margin) == (1024, "max", 0)
-    assert not c.first_last_layers_bf16
+    # Megatron-Bridge's Hopper default: current (tensorwise) scaling, first and last layer in bf16.
+    assert c.bf16 and c.fp8 == "hybrid" and c.fp8_recipe == "tensorwise" and c.fp8_margin == 0
+    assert c.first_last_layers_bf16 and (c.num_layers_at_start_in_bf16, c.num_layers_at_end_in_bf16) == (1, 1)
+
+    delayed = PrecisionConfig.from_dict(dict(dtype="bf16", fp8=dict(recipe="delayed", first_last_layers_bf16=False)))
+    c = transformer_config(te_model, TopologyConfig(), delayed)
+    assert (c.fp8_amax_history_len, c.fp8_amax_compute_algo) == (1024, "max") and not c.first_last_layers_bf16
 
     fp8 = dict(format="e4m3", recipe="blockwise", margin=1, first_last_layers_bf16=True, num_layers_at_end_in_bf16=2)
     c = transformer_config(te_model, TopologyConfig(), PrecisionConfig.from_dict(dict(dtype="bf16", fp8=fp8)))

@@ -36,15 +36,83 @@ def train_te(precision_values: dict) -> dict:
     return dict(losses=losses, cpu_backend=cpu.is_active(), qkv=type(layer.self_attention.linear_qkv).__name__)
 
 
-def test_te_spec_trains_in_bf16_and_fp8():
-    bf16 = run_ranks(train_te, 1, dict(dtype="bf16"), timeout=600)[0]
-    fp8 = run_ranks(train_te, 1, dict(dtype="bf16", fp8=dict(format="hybrid", recipe="delayed", amax_history_len=16)), timeout=600)[0]
-    for run in (bf16, fp8):
-        assert run["qkv"] == "TELayerNormColumnParallelLinear"
-        assert not run["cpu_backend"]
-        assert run["losses"][-1] < run["losses"][0] - 0.3, run["losses"]
-    gap = max(abs(a - b) / a for a, b in zip(bf16["losses"], fp8["losses"]))
-    assert gap < 0.05, (bf16["losses"], fp8["losses"])
+# Every FP8 recipe that runs on Hopper; delayed scaling cannot keep the first/last layers in bf16.
+FP8_RECIPES = {
+    "tensorwise": dict(recipe="tensorwise"),
+    "delayed": dict(recipe="delayed", amax_history_len=16, first_last_layers_bf16=False),
+    "blockwise": dict(recipe="blockwise"),
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_run():
+    return run_ranks(train_te, 1, dict(dtype="bf16"), timeout=600)[0]
+
+
+def test_te_spec_trains_in_bf16(bf16_run):
+    assert bf16_run["qkv"] == "TELayerNormColumnParallelLinear" and not bf16_run["cpu_backend"]
+    assert bf16_run["losses"][-1] < bf16_run["losses"][0] - 0.3, bf16_run["losses"]
+
+
+@pytest.mark.parametrize("recipe", sorted(FP8_RECIPES))
+def test_te_spec_trains_in_fp8_close_to_bf16(bf16_run, recipe):
+    fp8 = run_ranks(train_te, 1, dict(dtype="bf16", fp8=dict(format="hybrid", **FP8_RECIPES[recipe])), timeout=600)[0]
+    assert fp8["losses"][-1] < fp8["losses"][0] - 0.3, fp8["losses"]
+    gap = max(abs(a - b) / a for a, b in zip(bf16_run["losses"], fp8["losses"]))
+    assert gap < 0.05, (bf16_run["losses"], fp8["losses"])
+
+
+def test_mxfp8_stops_at_start_on_a_gpu_older_than_blackwell():
+    import torch
+
+    from phi4.errors import ConfigError
+    from phi4.runtime.distributed import init_distributed
+
+    if torch.cuda.get_device_capability() >= (10, 0):
+        pytest.skip("this GPU runs mxfp8")
+    model = dataclasses.replace(tiny_model(), backend="te")
+    precision = dict(dtype="bf16", fp8=dict(recipe="mxfp8"))
+    from phi4.model.config import PrecisionConfig
+
+    with pytest.raises(ConfigError, match=r"precision.fp8.recipe=mxfp8 needs .*Blackwell.*valid here: precision.fp8.recipe="):
+        init_distributed(model, TopologyConfig(), PrecisionConfig.from_dict(precision))
+
+
+def decode_te_cached_and_full(prompts: list, new_tokens: int) -> dict:
+    """Greedy decoding on the te spec (fp32, so that both paths see the same logits up to
+    rounding) with Megatron-Core's KV cache, and with a full forward per token."""
+    import torch
+
+    from helpers import sample_tokens
+    from phi4.eval.generate import Decoder
+    from phi4.model.build import build_phi4_model, transformer_config
+    from phi4.model.config import PrecisionConfig
+    from phi4.model.hf_weights import load_hf_weights
+    from phi4.runtime.distributed import init_distributed
+    from phi4.train.step import logits_of_tokens
+
+    model = dataclasses.replace(tiny_model(), backend="te")
+    precision, topology = PrecisionConfig(dtype="fp32"), TopologyConfig()
+    init_distributed(model, topology, precision, seed=1)
+    chunks = build_phi4_model(model, topology, precision, config=transformer_config(model, topology, precision))
+    load_hf_weights(chunks, {k: v.cuda() for k, v in random_hf_weights(model, seed=0).items()}, model)
+    for chunk in chunks:
+        chunk.eval()
+    decoder = Decoder(chunks, model.vocab_size, [], device="cuda")
+    cached = decoder.generate(prompts, new_tokens)
+
+    def logits(rows):
+        return logits_of_tokens(chunks, rows)[..., : model.vocab_size]
+
+    full = [sample_tokens(logits, p, 1, new_tokens, 0.0, 1.0, None, device="cuda")[0] for p in prompts]
+    return dict(kv_cache=decoder.kv_cache, cached=cached, full=full)
+
+
+def test_te_kv_cache_decoding_equals_full_forward_decoding():
+    prompts = [[11, 22, 33, 44, 55, 66], [7, 8, 9], [100, 200, 300, 400, 500, 600, 700, 800, 900]]
+    result = run_ranks(decode_te_cached_and_full, 1, prompts, 12, timeout=600)[0]
+    assert result["kv_cache"]
+    assert result["cached"] == result["full"]
 
 
 def test_cpu_backend_refuses_a_cuda_host():

@@ -104,11 +104,11 @@ class FP8Config:
     """Transformer Engine FP8 (conf/precision/fp8.yaml)."""
 
     format: str = "hybrid"
-    recipe: str = "delayed"
+    recipe: str = "tensorwise"
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"
     margin: int = 0
-    first_last_layers_bf16: bool = False
+    first_last_layers_bf16: bool = True
     num_layers_at_start_in_bf16: int = 1
     num_layers_at_end_in_bf16: int = 1
 

@@ -15,6 +15,10 @@ BACKENDS = ("local", "te")
 DTYPES = ("fp32", "bf16")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+# The compute capability each FP8 recipe's kernels need: FP8 tensor cores arrive with Ada/Hopper
+# (8.9/9.0); MXFP8's block scales are Blackwell's (10.0).
+FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -98,7 +102,8 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
         )
 
 
-def check_precision(model: ModelConfig, precision: PrecisionConfig) -> None:
+def check_precision(model: ModelConfig, precision: PrecisionConfig, topology: Optional[TopologyConfig] = None) -> None:
+    """Everything Megatron-Core's TransformerConfig would refuse about FP8, refused first, by name."""
     if precision.dtype not in DTYPES:
         raise ConfigError(f"precision.dtype={precision.dtype!r}; valid: {_listing(DTYPES)}")
     fp8 = precision.fp8
@@ -115,14 +120,51 @@ def check_precision(model: ModelConfig, precision: PrecisionConfig) -> None:
         raise ConfigError(f"precision.fp8.format={fp8.format!r}; valid: {_listing(FP8_FORMATS)}")
     if fp8.recipe not in FP8_RECIPES:
         raise ConfigError(f"precision.fp8.recipe={fp8.recipe!r}; valid: {_listing(FP8_RECIPES)}")
-    if fp8.first_last_layers_bf16:
-        kept = fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16
-        if kept >= model.num_layers:
+    if fp8.recipe == "delayed":
+        if fp8.amax_compute_algo not in FP8_AMAX_ALGOS:
+            raise ConfigError(f"precision.fp8.amax_compute_algo={fp8.amax_compute_algo!r}; valid: {_listing(FP8_AMAX_ALGOS)}")
+        if fp8.amax_history_len < 1:
+            raise ConfigError(f"precision.fp8.amax_history_len={fp8.amax_history_len}; valid: 1 or more steps")
+    if not fp8.first_last_layers_bf16:
+        return
+    if fp8.recipe == "delayed":  # TransformerConfig: "Delayed scaling does not support first / last layer in BF16"
+        raise ConfigError(
+            "precision.fp8.first_last_layers_bf16=true cannot be combined with precision.fp8.recipe=delayed "
+            "(Megatron-Core refuses it); valid: a current-scaling recipe (tensorwise, blockwise, mxfp8), "
+            "or first_last_layers_bf16=false"
+        )
+    pp = topology.pp if topology else 1
+    per_stage = model.num_layers // pp
+    for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+        value = getattr(fp8, name)
+        if not 0 <= value <= per_stage:  # Megatron-Core counts them against one pipeline stage's layers
             raise ConfigError(
-                f"precision.fp8 keeps {kept} of model.num_layers={model.num_layers} layers in bf16, "
-                f"leaving none in FP8; valid: num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 "
-                f"< {model.num_layers}"
+                f"precision.fp8.{name}={value}; valid: 0 to {per_stage} (the layers of one pipeline stage: "
+                f"model.num_layers={model.num_layers} / topology.pp={pp})"
             )
+    kept = fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16
+    if kept >= model.num_layers:
+        raise ConfigError(
+            f"precision.fp8 keeps {kept} of model.num_layers={model.num_layers} layers in bf16, "
+            f"leaving none in FP8; valid: num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 "
+            f"< {model.num_layers}"
+        )
+
+
+def check_device(precision: PrecisionConfig, capability: tuple[int, int], device_name: str) -> None:
+    """FP8 recipes this GPU cannot run, refused before anything is built."""
+    fp8 = precision.fp8
+    if fp8 is None:
+        return
+    need = FP8_MIN_CAPABILITY[fp8.recipe]
+    if tuple(capability) < need:
+        runnable = [r for r, c in FP8_MIN_CAPABILITY.items() if tuple(capability) >= c]
+        raise ConfigError(
+            f"precision.fp8.recipe={fp8.recipe} needs a GPU of compute capability {need[0]}.{need[1]} or newer"
+            f"{' (Blackwell)' if fp8.recipe == 'mxfp8' else ''}; this {device_name} is "
+            f"{capability[0]}.{capability[1]}; valid here: "
+            f"{('precision.fp8.recipe=' + '|'.join(runnable)) if runnable else 'precision.fp8=null (no FP8 on this GPU)'}"
+        )
 
 
 def check_run(
@@ -134,4 +176,4 @@ def check_run(
     """Every check above, in the order a user would fix them."""
     check_model(model)
     check_topology(model, topology, world_size)
-    check_precision(model, precision)
+    check_precision(model, precision, topology)

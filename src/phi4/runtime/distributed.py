@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-from phi4.model.validate import check_run
+from phi4.model.validate import check_device, check_run
 from phi4.runtime.launch_env import LaunchEnv, read_launch_env
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def init_distributed(
         cpu.activate()
         backend = "gloo"
     else:
+        check_device(precision, torch.cuda.get_device_capability(launch.local_rank),
+                     torch.cuda.get_device_name(launch.local_rank))
         torch.cuda.set_device(launch.local_rank)
         backend = "nccl"
 
