@@ -130,8 +130,9 @@ def _te_spec_and_recipes(combos):
         config = transformer_config(MODEL, TopologyConfig(), precision)
         spec = phi4_block_spec(config, "te")
         recipe = get_fp8_recipe(config) if precision.fp8 else None
-        built.append((type(spec.layer_specs[0].submodules.self_attention.submodules.linear_qkv).__name__
-                      if hasattr(spec, "layer_specs") else "spec", type(recipe).__name__))
+        attention = spec.layer_specs[0].submodules.self_attention.submodules
+        built.append(([m.__name__ for m in (attention.linear_qkv, attention.core_attention, spec.layer_norm)],
+                      type(recipe).__name__))
     return built
 
 
@@ -143,5 +144,22 @@ def test_te_spec_and_recipe_objects_build_for_every_accepted_setting():
     built = run_ranks(_te_spec_and_recipes, 1, combos, timeout=300)[0]
     expected = {"delayed": "DelayedScaling", "tensorwise": "Float8CurrentScaling", "blockwise": "Float8BlockScaling",
                 "mxfp8": "MXFP8BlockScaling"}
-    for values, (_, recipe) in zip(combos, built):
+    assert {values["fp8"]["recipe"] for values in combos} == set(expected)
+    for values, (modules, recipe) in zip(combos, built):
+        assert modules == ["TELayerNormColumnParallelLinear", "TEDotProductAttention", "TENorm"], modules
         assert expected[values["fp8"]["recipe"]] in recipe, (values, recipe)
+
+
+def test_decoding_turns_fp8_off_and_back_on():
+    """A cached decoding step has one token per prompt, which Transformer Engine's FP8 GEMMs do
+    not take: the Decoder runs with the shared config's fp8 cleared, and restores it after,
+    also when decoding fails."""
+    from phi4.eval.generate import _without_fp8
+
+    kind, config = outcome(PrecisionConfig.from_dict(dict(dtype="bf16", fp8=dict(recipe="tensorwise"))), TopologyConfig())
+    assert kind == "accepted" and config.fp8 == "hybrid"
+    with pytest.raises(RuntimeError, match="inside"):
+        with _without_fp8(config):
+            assert config.fp8 is None
+            raise RuntimeError("inside")
+    assert config.fp8 == "hybrid"

@@ -178,7 +178,9 @@ def test_cluster_layouts_are_the_planners_best(capsys, topology, overrides):
     assert plan["memory"]["fits"]
     result = _plan_json(capsys, "--search", f"topology={topology}", *overrides)
     best = result["valid"][0]
-    assert math.isclose(plan["estimated_step_time_s"], best["estimated_step_time_s"], rel_tol=1e-9), (
+    # Within 0.5% of the search's best: closer than that, the simpler layout is kept (the time
+    # model is not that precise; h100_1920_fp8 vs PP 2 x VP 4 differ by 0.15%).
+    assert math.isclose(plan["estimated_step_time_s"], best["estimated_step_time_s"], rel_tol=5e-3), (
         f"{topology}: {plan['estimated_step_time_s']:.4f} s, the search's best {best['layout']} "
         f"{best['estimated_step_time_s']:.4f} s")
 
@@ -240,3 +242,30 @@ def test_readme_has_the_plans():
     for command in ("phi4-plan", "phi4-plan topology=h100_1920_fp8 precision=fp8",
                     "phi4-plan stage=midtrain topology=h100_1920_midtrain"):
         assert command in readme
+
+
+def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
+    """Megatron-Core keeps the model's first and last layers (global numbers) in bf16, wherever
+    the interleaved pipeline puts them: the FP8 weight copies and the FP8-rate FLOPs count only
+    the rest."""
+    from phi4.model.config import FP8Config
+    from phi4.plan.estimate import estimate
+    from phi4.plan.hardware import HardwareConfig
+    from omegaconf import OmegaConf
+
+    model = tiny_model(num_layers=8, backend="te")
+    layout = TopologyConfig(pp=2, vp=2)  # rank 0: layers 0, 1, 4, 5; rank 1: 2, 3, 6, 7
+
+    def spec(fp8):
+        return PlanSpec(model, layout, PrecisionConfig(dtype="bf16", fp8=fp8), 2, 64, 1, 4)
+
+    keep = FP8Config(recipe="tensorwise", first_last_layers_bf16=True, num_layers_at_start_in_bf16=1,
+                     num_layers_at_end_in_bf16=2)
+    assert [memory.fp8_layers(spec(keep), r) for r in (0, 1)] == [(4, 3), (4, 2)]
+    every = FP8Config(recipe="tensorwise", first_last_layers_bf16=False)
+    assert [memory.fp8_layers(spec(every), r) for r in (0, 1)] == [(4, 4), (4, 4)]
+    assert memory.fp8_layers(spec(None), 0) == (4, 0)
+    assert memory.fp8_extra_bytes(spec(keep), 1) * 2 == memory.fp8_extra_bytes(spec(every), 1)
+    hw = HardwareConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/hardware/h100_80gb.yaml")))
+    bf16, all_fp8, mixed = (estimate(spec(p), hw)["compute_s"] for p in (None, every, keep))
+    assert all_fp8 < mixed < bf16

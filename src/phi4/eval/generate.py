@@ -15,6 +15,7 @@ broadcasts its choice: right on every layout, slower for long answers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -131,11 +132,18 @@ class Decoder:
                                         group=parallel_state.get_pipeline_model_parallel_group())
         return chosen
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> list[list[int]]:
         """The new tokens of each prompt: up to `max_new_tokens`, ending with a stop id when the
-        model emitted one."""
+        model emitted one. Decoding runs in bf16 even when the model trains in FP8: Transformer
+        Engine's FP8 GEMMs need token counts in multiples of 16, and a cached decoding step has
+        one token per prompt."""
+        with _without_fp8(self.net.config):
+            return self._generate(prompts, max_new_tokens, temperature, top_p, generator)
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> list[list[int]]:
         if not prompts or not all(prompts):
             raise ValueError("generate needs at least one prompt, and no empty one (it has no next-token logits)")
         if max_new_tokens < 1 or temperature < 0:
@@ -165,3 +173,16 @@ class Decoder:
                 break
             logits = steps.next(tokens, position)
         return completions
+
+
+@contextlib.contextmanager
+def _without_fp8(config):
+    """Megatron-Core enters Transformer Engine's FP8 autocast per forward when `config.fp8` is
+    set; the config is shared by the model's modules, so clearing it turns FP8 off for them."""
+    saved = getattr(config, "fp8", None)
+    config.fp8 = None
+    try:
+        yield
+    finally:
+        config.fp8 = saved
+

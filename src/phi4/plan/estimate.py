@@ -57,9 +57,11 @@ def _rank_compute(spec: PlanSpec, hw: HardwareConfig, pp_rank: int) -> dict:
     split = t.tp * t.cp
     linear_flops = (3 * linear + extra_linear) / split
     other_flops = (3 * attention + extra_attention + 3 * output) / split
-    linear_peak = hw.peak_tflops_fp8 if spec.precision.fp8 is not None else hw.peak_tflops_bf16
+    layers, in_fp8 = memory.fp8_layers(spec, pp_rank)  # the linears of FP8 layers run at the FP8 rate
+    fp8_linear = linear_flops * in_fp8 / layers if layers else 0.0
     eff = gemm_efficiency(spec, hw)
-    seconds = linear_flops / (linear_peak * 1e12 * eff) + other_flops / (hw.peak_tflops_bf16 * 1e12 * eff)
+    seconds = (fp8_linear / (hw.peak_tflops_fp8 * 1e12 * eff)
+               + (linear_flops - fp8_linear + other_flops) / (hw.peak_tflops_bf16 * 1e12 * eff))
     attention_seconds = (3 * attention + extra_attention) / split / (hw.peak_tflops_bf16 * 1e12 * eff)
     return dict(flops=linear_flops + other_flops, seconds=seconds, attention_seconds=attention_seconds)
 

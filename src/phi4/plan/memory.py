@@ -150,6 +150,20 @@ def static_memory(spec: PlanSpec, pp_rank: int = 0, dp_rank: int = 0) -> StaticM
     return StaticMemory(params, grads, optimizer, local)
 
 
+def fp8_layers(spec: PlanSpec, pp_rank: int = 0) -> tuple[int, int]:
+    """(decoder layers on this pipeline rank, how many of them run their matmuls in FP8): with
+    first_last_layers_bf16, the model's first and last layers stay bf16, wherever they live
+    (Megatron-Core's is_first_last_bf16_layer counts global layer numbers)."""
+    t, fp8 = spec.topology, spec.precision.fp8
+    layers = [n for v in range(t.vp or 1) for n in chunk_layers(spec, pp_rank, v)]
+    if fp8 is None:
+        return len(layers), 0
+    if not fp8.first_last_layers_bf16:
+        return len(layers), len(layers)
+    end = spec.model.num_layers - fp8.num_layers_at_end_in_bf16
+    return len(layers), sum(fp8.num_layers_at_start_in_bf16 <= n < end for n in layers)
+
+
 def fp8_extra_bytes(spec: PlanSpec, pp_rank: int = 0) -> int:
     """Transformer Engine's FP8 copies of the linear weights (the weight and its transpose, one
     byte each) and the scaling state (amax history of the delayed recipe: inputs, weights and
@@ -159,9 +173,7 @@ def fp8_extra_bytes(spec: PlanSpec, pp_rank: int = 0) -> int:
         return 0
     m, t = spec.model, spec.topology
     h, kv, f = m.hidden_size, m.num_query_groups * m.head_dim, m.ffn_hidden_size
-    layers = len(chunk_layers(spec, pp_rank, 0)) * (t.vp or 1)
-    if fp8.first_last_layers_bf16:
-        layers = max(0, layers - min(layers, fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16))
+    _, layers = fp8_layers(spec, pp_rank)
     linear_weights = (h * (h + 2 * kv) + h * h + 3 * h * f) // t.tp
     history = fp8.amax_history_len if fp8.recipe == "delayed" else 1
     return layers * (2 * linear_weights + 4 * 3 * 4 * history)
