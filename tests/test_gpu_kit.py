@@ -155,3 +155,44 @@ def test_throughput_script_at_a_tiny_shape_on_the_cpu(tmp_path):
 def test_throughput_script_refuses_a_bad_layer_count():
     done = subprocess.run([sys.executable, str(KIT / "throughput.py"), "--layers", "0"], capture_output=True, text=True)
     assert done.returncode == 2 and "--layers=0; valid: auto or a positive number" in done.stderr
+
+
+def test_checks_record_once_wait_for_what_they_need_and_return_everything_to_out(tmp_path):
+    """checks.py on this machine: `env` runs and is recorded; checks that need CUDA or Transformer
+    Engine wait ("later"), and a check whose budget passes the deadline waits too; what comes back
+    is results.jsonl, summary.txt and logs.tar.gz; a second call does not run `env` again."""
+    import tarfile
+    import time
+
+    state, out = tmp_path / "state", tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PHI4_TE_SITE"}
+
+    def call(deadline_s):
+        return subprocess.run([sys.executable, str(KIT / "checks.py"), "--state", str(state), "--out", str(out),
+                               "--deadline", str(time.time() + deadline_s)], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    first = call(60)
+    assert first.returncode == 0, first.stderr
+    assert "[checks] env: running" in first.stdout
+    assert "[checks] te_import: later (needs cuda, te)" in first.stdout
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in results] == ["env"]
+    assert "env" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert "logs/env.log" in tar.getnames()
+    second = call(10)
+    assert "[checks] env: running" not in second.stdout
+    assert [json.loads(l)["name"] for l in (out / "results.jsonl").read_text().splitlines()] == ["env"]
+    unknown = subprocess.run([sys.executable, str(KIT / "checks.py"), "--state", str(state), "--out", str(out),
+                              "--deadline", "0", "--only", "nonsense"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown check(s) ['nonsense']; valid: env, " in unknown.stderr
+
+
+def test_fp8_runs_are_compared_with_bf16_at_the_same_steps():
+    spec = importlib.util.spec_from_file_location("gpu_checks", KIT / "checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = checks  # its dataclasses look their module up
+    spec.loader.exec_module(checks)
+    assert checks.loss_gap([[10, 8.0], [20, 4.0]], [[10, 8.4], [20, 4.1], [30, 3.0]]) == pytest.approx(0.05)
+    assert checks.loss_gap([[10, 8.0]], [[20, 4.0]]) is None

@@ -4,7 +4,8 @@
 # Called once per `run` call of the plan that bench/gpu/prepare.sh printed; each call picks up
 # where the last stopped (the state lives in $KIT_STATE, which stays while the machine is held).
 #
-#   bench/gpu/run.sh [--budget SECONDS] [--only CHECK,...]
+#   bench/gpu/run.sh [--budget SECONDS] [--only CHECK,...] [--rebuild]
+#   (--rebuild: build transformer_engine_torch again, after a failed build was fixed)
 #
 # 1. Verifies the carried files against .gpu/manifest.json (sha256).
 # 2. Once the small wheels are there: installs them (not Transformer Engine) into a temporary
@@ -21,19 +22,22 @@ cd "$(dirname "$0")/../.."
 START=$(date +%s)
 BUDGET=540
 ONLY=""
+REBUILD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET="${2:?--budget needs seconds}"; shift 2 ;;
     --only) ONLY="${2:?--only needs check names}"; shift 2 ;;
-    *) echo "run.sh: unknown argument '$1'; valid: --budget SECONDS, --only CHECK,..." >&2; exit 2 ;;
+    --rebuild) REBUILD=1; shift ;;
+    *) echo "run.sh: unknown argument '$1'; valid: --budget SECONDS, --only CHECK,..., --rebuild" >&2; exit 2 ;;
   esac
 done
 
 PY=${PY:-python3}
-KIT=.gpu
+KIT=${KIT_DIR:-.gpu}  # (another folder only for rehearsals)
 STATE=${KIT_STATE:-/tmp/phi4-gpu-kit}
 OUT=${OUT:-$STATE/out}
 mkdir -p "$STATE/logs" "$OUT"
+[ "$REBUILD" = 1 ] && rm -rf "$STATE"/te-build.* "$STATE/te-wheel" "$STATE/te-site.ok"
 log() { echo "[run.sh +$(( $(date +%s) - START ))s] $*" | tee -a "$STATE/logs/run.log"; }
 [ -f "$KIT/manifest.json" ] || { log "no $KIT/manifest.json here: carry it (bench/gpu/prepare.sh prints the calls)"; exit 2; }
 
@@ -71,10 +75,15 @@ if [ -n "$SDIST" ] && [ -f "$STATE/site.ok" ] && [ ! -f "$STATE/te-build.started
     mkdir -p "$STATE/te-wheel"
     CUDA_HOME=$CH CUDA_PATH=$CH CUDNN_PATH=$NVIDIA_SP/nvidia/cudnn PATH=$CH/bin:$PATH \
       CPATH=$NVIDIA_SP/nvidia/cudnn/include:$NVIDIA_SP/nvidia/nccl/include:$CH/include:$NVIDIA_SP/nvidia/cu13/include${CPATH:+:$CPATH} \
-      NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+      NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-$(( $(nproc) > 4 ? $(nproc) - 2 : $(nproc) ))} \
       setsid bash -c "start=\$(date +%s); if '$PY' -m pip wheel --no-deps --no-build-isolation --no-index -w '$STATE/te-wheel' '$SDIST'; then echo \$(( \$(date +%s) - start )) > '$STATE/te-build.ok'; else echo failed > '$STATE/te-build.failed'; fi" \
       > "$STATE/logs/te-build.log" 2>&1 < /dev/null &
   fi
+fi
+
+if [ -f "$STATE/te-build.started" ] && [ ! -f "$STATE/te-build.ok" ]; then
+  log "transformer_engine_torch build: $( [ -f "$STATE/te-build.failed" ] && echo "FAILED (logs/te-build.log; fix, then --rebuild)" \
+       || echo "running for $(( $(date +%s) - $(stat -c %Y "$STATE/te-build.started") )) s")"
 fi
 
 # 3. Transformer Engine, once every part has arrived and the extension is built.
