@@ -69,11 +69,12 @@ def _problems(tmp_path):
 
     write_synthetic_jsonl(tmp_path / "arith.jsonl", 11, seed=4, split="test")
     with (tmp_path / "words.jsonl").open("w") as f:
-        for i, (answer, checker) in enumerate([("Paris", "string"), ("Rome", "string"),
-                                               ("x", "test_eval:custom_checker")]):
+        for i, (answer, checker) in enumerate([("Paris", "string"), ("Rome", "string"), ("x", None)]):
+            # the third takes the configured default: a function named by eval.checker, not by the file
             f.write(json.dumps({"id": f"w{i}", "prompt": f"Question {i}?", "answer": answer, "expect": answer,
-                                "checker": checker, "task": "words"}) + "\n")
-    return load_items([tmp_path / "arith.jsonl", tmp_path / "words.jsonl"], "chat", "number")
+                                **({"checker": checker} if checker else {}), "task": "words"}) + "\n")
+    return (load_items([tmp_path / "arith.jsonl"], "chat", "number")
+            + load_items([tmp_path / "words.jsonl"], "chat", "test_eval:custom_checker"))
 
 
 class StandIn:
@@ -97,10 +98,28 @@ class StandIn:
             item = self.items[i]
             good = i in self.right and sample not in self.wrong_samples
             answer = item.record["answer"] if good else "nothing"
-            text = f"Working.\nAnswer: {answer}" if item.task != "words" or item.record["checker"] == "string" \
+            text = f"Working.\nAnswer: {answer}" if item.task != "words" or item.record.get("checker") == "string" \
                 else ("boom" if not good else f"so {answer}")
             out.append(self.tok.encode(text, allow_special=False) + [self.tok.eos_id])
         return out
+
+
+def test_a_tasks_file_cannot_name_code_to_run(tmp_path):
+    """A line naming `module:function` as its checker is refused with its file and line, before
+    anything is imported; the same function given as eval.checker is the runner's choice."""
+    import sys
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4}) + "\n"
+                    + json.dumps({"prompt": "hi", "answer": "x", "checker": "pydoc:pipepager"}) + "\n")
+    sys.modules.pop("pydoc", None)
+    with pytest.raises(ConfigError) as err:
+        load_items([path], "chat", "number")
+    message = str(err.value)
+    assert message.startswith(f"{path}:2: checker='pydoc:pipepager': a tasks file may name only a built-in checker")
+    assert "\n" not in message and "pydoc" not in sys.modules
+    path.write_text(json.dumps({"prompt": "hi", "answer": "x", "expect": "x"}) + "\n")
+    assert load_items([path], "chat", "test_eval:custom_checker")[0].checker is custom_checker
 
 
 def test_accuracy_is_exactly_the_right_fraction(tmp_path):

@@ -265,6 +265,10 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
         (["eval.samples=3"], "eval.samples=3 with eval.temperature=0: greedy decoding answers the same each time"),
         (["eval.tasks=[/no/bench.jsonl]"], "eval.tasks: not found: /no/bench.jsonl"),
         (["eval.every=-1"], "eval.every=-1 must be 0 (never) or a number of steps"),
+        (["checkpoint.keep=0"], "checkpoint.keep=0; valid: a whole number of at least 1"),
+        (["checkpoint.keep=-2"], "checkpoint.keep=-2; valid: a whole number of at least 1"),
+        (["checkpoint.every=-1"], "checkpoint.every=-1; valid: a whole number of at least 0"),
+        (["train.log_every=0"], "train.log_every=0; valid: a whole number of at least 1"),
     ],
 )
 def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
@@ -302,3 +306,19 @@ def test_bf16_tracks_fp32(tmp_path, cache, straight):
     a, b = losses(straight), losses(tmp_path / "bf16")
     assert b[10] < b[1] - 1.0
     assert all(abs(a[s] - b[s]) <= 0.01 * a[s] for s in a), (a, b)
+
+
+def test_pruning_never_removes_what_latest_or_final_names(tmp_path):
+    """keep below 1 keeps the checkpoint just written; a checkpoint `final` names survives
+    pruning however old (the run's end, another stage's start)."""
+    from phi4.train.checkpoint import _publish, checkpoint_dir
+
+    dirs = [checkpoint_dir(tmp_path, step) for step in (10, 20, 30)]
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / ".metadata").write_bytes(b"")
+    _publish(tmp_path, dirs[0], keep=1, final=True)
+    _publish(tmp_path, dirs[1], keep=1)
+    _publish(tmp_path, dirs[2], keep=0)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000010", "step_0000030"]
+    assert latest(tmp_path) == "step_0000030"

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from phi4.errors import ConfigError
+from phi4.train.safe_load import check_checkpoint, read_metadata
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"  # Megatron-Core's ShardedObject("common_state", (1,), (0,))
@@ -152,7 +153,8 @@ class CheckpointReader:
             backend = json.loads(meta_json.read_text()).get("sharded_backend")
             if backend != "torch_dist":
                 raise ConfigError(f"{meta_json}: sharded_backend={backend!r}; valid: 'torch_dist'")
-        self.metadata = dcp.FileSystemReader(str(self.dir)).read_metadata()
+        check_checkpoint(self.dir)  # the plain readers below unpickle; nothing in it may run code
+        self.metadata = read_metadata(self.dir)
         self.tensors = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
@@ -188,5 +190,5 @@ class CheckpointReader:
         value = state[COMMON_KEY]  # DCP hands back the deserialized list, or the raw bytes
         if isinstance(value, io.BytesIO):
             value.seek(0)
-            value = torch.load(value, weights_only=False)
+            value = torch.load(value, weights_only=True)
         return value[0]

@@ -63,6 +63,11 @@ def load_items(paths: list[Path], template: str, default_checker: str, max_lengt
                 raise ConfigError(f"{where}: a problem is an object with a 'prompt' (or 'question') string and an "
                                   "'answer'")
             name = record.get("checker", default_checker)
+            if ":" in str(name) and name != default_checker:  # a data file never names code to run
+                raise ConfigError(
+                    f"{where}: checker={name!r}: a tasks file may name only a built-in checker "
+                    f"({', '.join(CHECKERS)}) or eval.checker's; a function (package.module:function) is "
+                    "given by eval.checker, by the person running the evaluation")
             if name not in checkers:
                 checkers[name] = load_checker(name, f"{where}: checker" if "checker" in record else "eval.checker")
             if name in CHECKERS and "answer" not in record:

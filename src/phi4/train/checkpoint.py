@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from phi4.errors import ConfigError
+from phi4.train.safe_load import check_checkpoint
 
 LATEST = "latest"
 FINAL = "final"  # names the checkpoint a finished run ended with: what the next stage starts from
@@ -63,8 +64,10 @@ def _assign_model(chunks: list, loaded: dict, directory: Path) -> None:
 
 
 def _require_checkpoint(directory: Path) -> None:
+    """A complete torch_dist checkpoint whose files name nothing that could run code."""
     if not (directory / ".metadata").exists():
         raise ConfigError(f"{directory} is not a Megatron-Core torch_dist checkpoint (no .metadata)")
+    check_checkpoint(directory)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -190,15 +193,17 @@ def _point(root: Path, name: str, directory: Path) -> None:
 
 def _publish(run_dir: Path, directory: Path, keep: int, final: bool = False) -> None:
     """Point `latest` (and for the run's last step `final`) at `directory` (atomically), then
-    delete all but the newest `keep`."""
+    delete all but the newest `keep` (at least 1), never one that `latest` or `final` names."""
     root = Path(run_dir) / "checkpoints"
     _point(root, LATEST, directory)
     if final:
         _point(root, FINAL, directory)
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     complete = [p for p in steps if p.name <= directory.name]
-    for old in complete[: max(len(complete) - keep, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+    named = {(root / name).read_text().strip() for name in (LATEST, FINAL) if (root / name).exists()}
+    for old in complete[: max(len(complete) - max(keep, 1), 0)]:
+        if old.name not in named:  # what `latest` or `final` names is never removed
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fault_point(directory: Path) -> None:

@@ -63,6 +63,15 @@ def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> 
     if t.seq_length > model.max_position_embeddings:
         raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings}")
+    c = cfg.checkpoint
+    _whole_number("checkpoint.keep", c.keep, 1, "the newest checkpoints kept; the one just written is always kept")
+    _whole_number("checkpoint.every", c.every, 0, "0 saves only at the end")
+    _whole_number("train.log_every", t.log_every, 1, "steps between training lines")
+
+
+def _whole_number(name: str, value, least: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name}={value!r}; valid: a whole number of at least {least} ({meaning})")
 
 
 class StopRequest:
