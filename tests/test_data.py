@@ -80,3 +80,82 @@ def test_missing_source_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data.sources.web: .*/web.bin and .idx not found; make it with `phi4-data preprocess"):
         check_sources([Source("web", str(tmp_path / "web"), 1.0)])
+
+
+def test_long_texts_are_encoded_in_pieces_that_give_one_calls_ids():
+    """The BPE library refuses over 200,000 tokens in a call; a long text is cut where the
+    pre-tokenizer cuts anyway, so its ids equal one call's (checked with small pieces on a text
+    one call can still encode), and a text far past the limits is encoded whole."""
+    import random
+
+    from phi4.data.tokenizer import PIECE_CHARS
+
+    tok = get_tokenizer()
+    rng = random.Random(0)
+    words = ["the", "sum", "of", "12345", "naïve", "café", "中文", "🙂", "  ", "\n", "\n\n", ",", ".", "'s",
+             "don't", "(", ")", "\t", " ", "x" * 12]
+    text = "".join(rng.choice(words) + rng.choice([" ", " ", "", "\n"]) for _ in range(20000))
+    whole = tok._bpe.encode_ordinary(text)
+    for piece_chars in (400, 1000, 7777):
+        assert tok._encode_ordinary(text, piece_chars) == whole, piece_chars
+    long = "ab " * 100_000 + "x" * (3 * PIECE_CHARS)  # 300,001 tokens, then 300,000 characters of one word
+    ids = tok.encode(long, allow_special=False)
+    assert tok.decode(ids) == long and ids[:100_000] == tok._bpe.encode_ordinary("ab " * 120_000 + "ab")[:100_000]
+
+
+def test_preprocess_takes_long_documents_and_reports_what_it_cannot_read(tmp_path):
+    """A 300,000-token document is tokenized (it used to hang the worker pool); invalid UTF-8 is a
+    bad line by file and line; blank lines are counted."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    long = "word " * 300_000
+    path = tmp_path / "in.jsonl"
+    with open(path, "wb") as f:
+        f.write((json.dumps({"text": "short"}) + "\n").encode())
+        f.write(b"\n   \n")
+        f.write(b'{"text": "caf\xe9"}\n')
+        f.write((json.dumps({"text": long}) + "\n").encode())
+    out = _phi4_data("preprocess", "--input", path, "--output-prefix", tmp_path / "out", "--workers", "2",
+                     "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 documents" in out.stdout and "2 blank lines skipped" in out.stdout
+    assert f"{path}:4: not valid UTF-8 (byte 13 of the line)" in out.stderr
+    tok = get_tokenizer()
+    ds = IndexedDataset(str(tmp_path / "out"))
+    assert ds[1].tolist() == tok.encode(long, allow_special=False) + [tok.eod_id]
+
+
+def test_preprocess_stopped_by_sigterm_leaves_nothing_and_says_how_far(tmp_path):
+    import signal
+    import time
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 200}) + "\n" for i in range(40000)))
+    proc = subprocess.Popen([str(BIN / "phi4-data"), "preprocess", "--input", str(path), "--output-prefix",
+                             str(tmp_path / "out/docs"), "--workers", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "out").glob(".docs.partial-*.bin")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGTERM after" in err and "nothing was written" in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+    assert not [p for p in (tmp_path / "out").iterdir()]
+
+
+def test_invalid_utf8_is_a_bad_line_for_every_jsonl_reader(tmp_path):
+    """One policy for chat, preference pairs, eval tasks and eval sets: a line that is not valid
+    UTF-8 is a bad line by file and line (skipped and reported, or refused), never a traceback."""
+    from phi4.data.jsonl import BadLine, checked_records, jsonl_records
+    from phi4.errors import ConfigError
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    records = list(jsonl_records(path))
+    assert records[0] == (f"{path}:1", {"a": 1})
+    assert isinstance(records[1][1], BadLine) and str(records[1][1]) == "not valid UTF-8 (byte 7 of the line)"
+    with pytest.raises(ConfigError, match=rf"^--eval {path}:2: not valid UTF-8 \(byte 7 of the line\)$"):
+        list(checked_records(path, "--eval "))

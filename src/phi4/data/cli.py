@@ -101,11 +101,12 @@ def main(argv=None) -> None:
             from phi4.data.preprocess import preprocess
 
             report = preprocess(args.input, args.output_prefix, args.text_key, args.workers, not args.no_progress)
-            print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens")
+            blank = f", {report.blank_lines} blank lines skipped" if report.blank_lines else ""
+            print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens{blank}")
             _report_bad_lines(args.output_prefix, report.bad_lines)
     except ConfigError as err:
         print(f"phi4-data: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(130 if type(err).__name__ == "Interrupted" else 2)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,17 @@ class BadLine(ValueError):
 
 
 def jsonl_records(path: str | Path) -> Iterator[tuple[str, Union[object, BadLine]]]:
-    """(where, record) for every non-blank line; a line that does not parse gives a BadLine in
-    place of its record, so the caller decides whether to skip it or stop."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    """(where, record) for every non-blank line; a line that is not valid UTF-8 or does not parse
+    gives a BadLine in place of its record, so the caller decides whether to skip it or stop."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                yield where, BadLine(f"not valid UTF-8 (byte {err.start} of the line)")
             except json.JSONDecodeError as err:
                 yield where, BadLine(f"not valid JSON ({err.msg} at column {err.colno})")
 

@@ -2,9 +2,11 @@
 
 One document a line: `{"text": "..."}` (the key is configurable). Each document is tokenized
 with the Phi-4 tokenizer and ended with `<|endoftext|>`. A line that is not valid JSON, is not
-an object, or lacks a string under the key is counted and reported by file and line number (the
-first few on the console, all of them in `<prefix>.bad_lines.txt`), never dropped silently. The
-`.bin`/`.idx` pair is written under temporary names and renamed only when complete.
+an object, or lacks a string under the key, is not valid UTF-8, or that the tokenizer fails on is counted and
+reported by file and line number (the first few on the console, all of them in
+`<prefix>.bad_lines.txt`), never dropped silently; blank lines are counted. A document of any
+length is tokenized. The `.bin`/`.idx` pair is written under temporary names and renamed only
+when complete; SIGINT or SIGTERM removes them and says how far it got.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class PreprocessReport:
     documents: int = 0
     tokens: int = 0
     bad_lines: list[str] = field(default_factory=list)
+    blank_lines: int = 0
+    bytes_read: int = 0
 
 
 def _init_worker(text_key: str) -> None:
@@ -36,9 +40,16 @@ def _init_worker(text_key: str) -> None:
     _TEXT_KEY = text_key
 
 
-def _encode(item: tuple[str, int, str]) -> tuple[str, int, int, Optional[list[int]], Optional[str]]:
-    source, line_no, line = item
-    return (source, line_no, len(line.encode("utf-8"))) + _encode_line(line)
+def _encode(item: tuple[str, int, bytes]) -> tuple[str, int, int, Optional[list[int]], Optional[str]]:
+    source, line_no, raw = item
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return source, line_no, len(raw), None, f"not valid UTF-8 (byte {err.start} of the line)"
+    try:
+        return (source, line_no, len(raw)) + _encode_line(line)
+    except Exception as err:  # nothing a worker raises may reach the pool: it could hang it
+        return source, line_no, len(raw), None, f"could not be tokenized ({type(err).__name__}: {err})"
 
 
 def _encode_line(line: str) -> tuple[Optional[list[int]], Optional[str]]:
@@ -58,12 +69,20 @@ def _encode_line(line: str) -> tuple[Optional[list[int]], Optional[str]]:
     return tok.encode(text, allow_special=False) + [tok.eod_id], None
 
 
-def _lines(paths: Iterable[Path]) -> Iterator[tuple[str, int, str]]:
+class Interrupted(ConfigError):
+    """SIGINT/SIGTERM during preprocess: nothing was written; the message says how far it got."""
+
+
+def _lines(paths: Iterable[Path], report: "PreprocessReport", bar) -> Iterator[tuple[str, int, bytes]]:
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    yield str(path), line_no, line
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield str(path), line_no, raw
+                else:  # counted, not tokenized
+                    report.blank_lines += 1
+                    report.bytes_read += len(raw)
+                    bar.update(len(raw))
 
 
 def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", workers: int = 0,
@@ -86,10 +105,11 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
     builder = IndexedDatasetBuilder(f"{partial}.bin", dtype=numpy.int32)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                disable=not progress, mininterval=1.0)
+    previous = _raise_on_sigterm()
     try:
         # spawn, not fork: the caller may already run process-group threads (phi4-train does)
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (text_key,)) as pool:
-            for source, line_no, nbytes, ids, error in pool.imap(_encode, _lines(inputs), chunksize=64):
+            for source, line_no, nbytes, ids, error in pool.imap(_encode, _lines(inputs, report, bar), chunksize=64):
                 if ids is None:
                     report.bad_lines.append(f"{source}:{line_no}: {error}")
                 else:
@@ -97,15 +117,21 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
                     builder.end_document()
                     report.documents += 1
                     report.tokens += len(ids)
+                report.bytes_read += nbytes
                 bar.update(nbytes)
         builder.finalize(f"{partial}.idx")
-    except BaseException:
+        bar.update(total_bytes - bar.n)
+    except BaseException as err:
         for suffix in (".bin", ".idx"):
             Path(f"{partial}{suffix}").unlink(missing_ok=True)
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(f"phi4-data preprocess: stopped by {err.args[0] if err.args else 'SIGINT'} after "
+                              f"{report.documents} documents ({report.bytes_read / max(total_bytes, 1):.0%} of the input); "
+                              f"nothing was written to {output_prefix}") from None
         raise
     finally:
-        bar.update(total_bytes - bar.n)
         bar.close()
+        _restore_sigterm(previous)
     if report.documents == 0:
         for suffix in (".bin", ".idx"):
             Path(f"{partial}{suffix}").unlink(missing_ok=True)
@@ -119,3 +145,25 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
     for suffix in (".bin", ".idx"):
         os.replace(f"{partial}{suffix}", f"{output_prefix}{suffix}")
     return report
+
+
+def _raise_on_sigterm():
+    """SIGTERM stops preprocess the way Ctrl-C does (its clean-up runs); only in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -25,6 +25,28 @@ NAMED_SPECIALS = {
 }
 
 
+# At most this many characters per call of the BPE library (each character is at least a token's
+# worth of input, so a piece stays far below its 200,000-token limit).
+PIECE_CHARS = 100_000
+
+
+def _pieces(text: str, piece_chars: int):
+    """(start, end) spans of at most `piece_chars` characters, each cut before a single space that
+    sits between two non-space characters: there cl100k's pre-tokenizer always starts a new
+    pre-token (" word", " 12", " ." or a lone " "), and the BPE never merges across pre-tokens.
+    A stretch with no such space (a very long word) is cut where it must be."""
+    start = 0
+    while len(text) - start > piece_chars:
+        end = start + piece_chars
+        cut = text.rfind(" ", start + piece_chars // 2, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + piece_chars // 2, cut)
+        cut = cut if cut > start else end
+        yield start, cut
+        start = cut
+    yield start, len(text)
+
+
 def special_tokens() -> dict[str, int]:
     """Every Phi-4 special token and its id."""
     named_ids = set(NAMED_SPECIALS.values())
@@ -50,16 +72,27 @@ class Phi4Tokenizer:
         self._split = re.compile("(" + "|".join(re.escape(t) for t in self.specials) + ")")
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        """Token ids of `text`; special-token strings map to their ids unless allow_special is
-        False, in which case they are encoded as ordinary text."""
+        """Token ids of `text`, of any length; special-token strings map to their ids unless
+        allow_special is False, in which case they are encoded as ordinary text."""
         if not allow_special:
-            return self._bpe.encode_ordinary(text)
+            return self._encode_ordinary(text)
         ids: list[int] = []
         for piece in self._split.split(text):
             if piece in self.specials:
                 ids.append(self.specials[piece])
             elif piece:
-                ids.extend(self._bpe.encode_ordinary(piece))
+                ids.extend(self._encode_ordinary(piece))
+        return ids
+
+    def _encode_ordinary(self, text: str, piece_chars: int = PIECE_CHARS) -> list[int]:
+        """The BPE library refuses inputs of over 200,000 tokens (and a million characters): a
+        long text is encoded in pieces cut where cl100k's pre-tokenization cuts anyway, so the
+        ids equal one call's wherever one call could encode it."""
+        if len(text) <= piece_chars:
+            return self._bpe.encode_ordinary(text)
+        ids: list[int] = []
+        for start, end in _pieces(text, piece_chars):
+            ids.extend(self._bpe.encode_ordinary(text[start:end]))
         return ids
 
     def decode(self, ids) -> str:
