@@ -17,10 +17,12 @@ root="$(dirname "$here")"
 cluster=h100 runs="" stages="pretrain midtrain sft pts dpo" after="" dry=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --cluster) cluster="$2"; shift 2 ;;
-        --runs) runs="$2"; shift 2 ;;
-        --stages) stages="$2"; shift 2 ;;
-        --after) after="$2"; shift 2 ;;
+        --cluster|--runs|--stages|--after)
+            [ $# -ge 2 ] && [ -n "$2" ] || { echo "pipeline: error: $1 needs a value (see --help)" >&2; exit 2; }
+            case "$1" in
+                --cluster) cluster="$2" ;; --runs) runs="$2" ;; --stages) stages="$2" ;; --after) after="$2" ;;
+            esac
+            shift 2 ;;
         --dry-run) dry=1; shift ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "pipeline: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -30,6 +32,11 @@ python="${PHI4_PYTHON:-}"
 if [ -z "$python" ]; then
     if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
+# The whole chain is checked before anything is queued: names, order, the runs it reads, the cluster file.
+check=("$cluster" --check "$stages")
+[ -n "$runs" ] && check+=(--runs "$runs")
+[ -n "$after" ] && check+=(--after "$after")
+(cd "$root" && "$python" -m phi4.runtime.cluster "${check[@]}") || exit 2
 for stage in $stages; do
     args=("$cluster" "$stage")
     [ -n "$runs" ] && args+=(--runs "$runs")

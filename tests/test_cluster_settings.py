@@ -41,3 +41,42 @@ def test_bad_cluster_settings_name_what_is_wrong(tmp_path):
     del cluster["stages"]["pts"]
     with pytest.raises(ConfigError, match="no stages.pts entry"):
         stage_job(cluster, "pts", Path(tmp_path))
+
+
+def test_the_whole_chain_is_checked_before_anything_is_submitted(tmp_path):
+    from phi4.runtime.cluster import check_chain
+
+    cluster = load_cluster("local_cpu")
+    check_chain(cluster, list(STAGES), tmp_path)
+    for stages, message in (
+        (["pretrain", "midtrian"], r"--stages: unknown stage\(s\) midtrian; valid: pretrain, midtrain, sft, pts, dpo"),
+        (["sft", "midtrain"], r"--stages sft midtrain: stages run in the chain's order without gaps; starting at sft: sft pts"),
+        (["midtrain", "pts"], r"without gaps; starting at midtrain: midtrain sft"),
+        ([], r"--stages is empty"),
+        (["sft", "pts", "dpo"], rf"--stages starts at sft, which reads {tmp_path / 'midtrain'}: not found"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_chain(cluster, stages, tmp_path)
+    check_chain(cluster, ["sft", "pts", "dpo"], tmp_path, after="17")  # the job it waits for makes it
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(ConfigError, match=rf"starts at dpo, which reads {tmp_path / 'pts'}: not found"):
+        check_chain(cluster, ["dpo"], tmp_path)
+
+
+def test_pipeline_refuses_a_bad_chain_before_submitting_any_stage(tmp_path):
+    """A wrong name late in --stages used to be found after the earlier stages were queued."""
+    import subprocess
+
+    from helpers import ROOT
+
+    def pipeline(*args):
+        return subprocess.run([str(ROOT / "slurm/pipeline.sh"), "--cluster", "local_cpu", "--runs", str(tmp_path),
+                               *args], capture_output=True, text=True, timeout=120)
+
+    out = pipeline("--stages", "pretrain midtrain sfft", "--dry-run")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == "pipeline: error: --stages: unknown stage(s) sfft; valid: pretrain, midtrain, sft, pts, dpo"
+    out = pipeline("--dry-run", "--cluster")
+    assert out.returncode == 2 and out.stderr.strip() == "pipeline: error: --cluster needs a value (see --help)"
+    out = pipeline("--stages", "pretrain midtrain", "--dry-run")
+    assert out.returncode == 0 and [l.split()[1] for l in out.stdout.splitlines()] == ["--job-name=phi4-pretrain", "--job-name=phi4-midtrain"], out.stderr

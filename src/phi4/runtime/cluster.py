@@ -51,6 +51,36 @@ def chain_overrides(stage: str, runs: Path) -> list[str]:
     return [f"run_dir={runs / stage}"] + chained[stage]
 
 
+# The run directories each stage reads: the stage before it (and PTS's pairs, for DPO).
+READS = {"pretrain": (), "midtrain": ("pretrain",), "sft": ("midtrain",), "pts": ("sft",), "dpo": ("sft", "pts")}
+
+
+def check_chain(cluster: dict, stages: list[str], runs: Path, after: str | None = None) -> None:
+    """The whole submission, before any job is queued: known stage names, in the chain's order,
+    without gaps, each with its cluster entry, and every run directory a stage reads either made
+    by an earlier stage of this submission or already there (unless --after names the job that
+    will make it)."""
+    if not stages:
+        raise ConfigError(f"--stages is empty; valid: a run of the chain {' '.join(STAGES)}")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
+    first = STAGES.index(stages[0])
+    expected = list(STAGES[first:first + len(stages)])
+    if stages != expected:
+        raise ConfigError(f"--stages {' '.join(stages)}: stages run in the chain's order without gaps; "
+                          f"starting at {stages[0]}: {' '.join(expected)}")
+    missing = [s for s in stages if s not in (cluster.get("stages") or {})]
+    if missing:
+        raise ConfigError(f"the cluster settings have no stages.{missing[0]} entry (nodes, overrides)")
+    if after:
+        return
+    absent = [f"{runs / d}" for d in READS[stages[0]] if d not in stages and not (runs / d).is_dir()]
+    if absent:
+        raise ConfigError(f"--stages starts at {stages[0]}, which reads {', '.join(absent)}: not found; run the "
+                          f"earlier stages first, point --runs at their root, or give --after JOBID")
+
+
 def stage_job(cluster: dict, stage: str, runs: Path, after: str | None = None) -> tuple[list[str], list[str], dict]:
     """(sbatch options, the command srun starts in every task, environment for the batch script)."""
     if stage not in STAGES:
@@ -85,15 +115,20 @@ def stage_job(cluster: dict, stage: str, runs: Path, after: str | None = None) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m phi4.runtime.cluster",
-                                     description="A stage's sbatch options and command, as bash assignments.")
+                                     description="A stage's sbatch options and command, as bash assignments; "
+                                                 "with --check, the whole chain's submission is checked instead.")
     parser.add_argument("cluster", help="conf/cluster/<name>.yaml, by name or path")
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", nargs="?", help="one stage (without --check)")
+    parser.add_argument("--check", metavar="STAGES", help="check this space-separated run of stages and exit")
     parser.add_argument("--runs", type=Path, help="the chain's root directory (default: the cluster's `runs`)")
     parser.add_argument("--after", help="job id this stage depends on (afterok)")
     args = parser.parse_args(argv)
     try:
         cluster = load_cluster(args.cluster)
         runs = (args.runs or Path(cluster["runs"])).resolve()
+        if args.check is not None:
+            check_chain(cluster, args.check.split(), runs, args.after)
+            return
         options, command, env = stage_job(cluster, args.stage, runs, args.after)
     except ConfigError as err:
         print(f"pipeline: error: {err}", file=sys.stderr)
