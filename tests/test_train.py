@@ -3,6 +3,7 @@ exact resume (same layout and another), signals, a crash during a save, bad sett
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,30 @@ def test_pruning_never_removes_what_latest_or_final_names(tmp_path):
     _publish(tmp_path, dirs[2], keep=0)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000010", "step_0000030"]
     assert latest(tmp_path) == "step_0000030"
+
+
+def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_is_written(tmp_path, cache, straight):
+    from hydra import compose, initialize_config_dir
+
+    from phi4.train.checkpoint import latest_checkpoint
+    from phi4.train.loop import check_resume, settings
+    from phi4.train.loop import train as run_training
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, copy_function=os.link)
+    before = (run / "config.yaml").read_bytes()
+
+    def cfg_with(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            return compose("train", overrides=[*small(cache, "train.steps=10"), f"run_dir={run}", *overrides])
+
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg_with("model.hidden_size=64"))
+    assert "holds a run of another model (model.hidden_size 128 -> 64)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg_with("train.global_batch_size=8"))
+    assert "another batch shape (train.global_batch_size 4 -> 8)" in str(err.value)
+    assert "checkpoint.allow_new_batch_shape=true" in str(err.value)
+    assert (run / "config.yaml").read_bytes() == before
+    allowed = cfg_with("train.global_batch_size=8", "checkpoint.allow_new_batch_shape=true", "model.backend=local")
+    check_resume(allowed, settings(allowed)[0], latest_checkpoint(run))  # asked for: accepted

@@ -69,6 +69,33 @@ def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> 
     _whole_number("train.log_every", t.log_every, 1, "steps between training lines")
 
 
+# Settings a resumed run may change without asking (the checkpoint loads into any layout and
+# either backend); the data order depends on the shape of the batch, so that needs asking.
+_BATCH_SHAPE = ("seq_length", "global_batch_size")
+
+
+def check_resume(cfg: DictConfig, model: ModelConfig, checkpoint: Path) -> None:
+    """A run directory is resumed only with the model it was trained with, and with the batch
+    shape it was trained with unless checkpoint.allow_new_batch_shape says so; checked before
+    anything is written."""
+    from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state
+
+    common = checkpoint_common_state(checkpoint)
+    saved = dict(common.get(MODEL_CONFIG_KEY) or {})
+    now = dataclasses.asdict(model)
+    differ = [f"model.{k} {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
+              if k not in ("backend", "name") and saved[k] != now.get(k)]
+    if differ:
+        raise ConfigError(f"{cfg.run_dir} holds a run of another model ({'; '.join(differ)}), resumed from {checkpoint}; "
+                          "valid: the same model settings, or another run_dir (checkpoint.load= starts from its weights)")
+    train = (OmegaConf.create(common["config_yaml"]).get("train") or {}) if common.get("config_yaml") else {}
+    changed = [f"train.{k} {train[k]} -> {cfg.train[k]}" for k in _BATCH_SHAPE if k in train and train[k] != cfg.train[k]]
+    if changed and not cfg.checkpoint.get("allow_new_batch_shape", False):
+        raise ConfigError(f"{cfg.run_dir} was trained with another batch shape ({'; '.join(changed)}); the data "
+                          "order would change: set checkpoint.allow_new_batch_shape=true to resume with it anyway, "
+                          "or keep the run's settings")
+
+
 def _whole_number(name: str, value, least: int, meaning: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigError(f"{name}={value!r}; valid: a whole number of at least {least} ({meaning})")
@@ -182,6 +209,9 @@ def train(cfg: DictConfig) -> int:
     generative_every = generative_eval_every(cfg, topology.cp)
     t = cfg.train
     run_dir = Path(cfg.run_dir)
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        check_resume(cfg, model, resume)
 
     init_distributed(model, topology, precision, seed=cfg.seed, launch=launch)
     stop = StopRequest()
@@ -213,7 +243,6 @@ def train(cfg: DictConfig) -> int:
     layout = dict(tp=topology.tp, pp=topology.pp, vp=topology.vp, cp=topology.cp, dp=dp)
 
     step, consumed, skipped, initialized_from = 0, 0, 0, None
-    resume = latest_checkpoint(run_dir)
     if resume is not None:
         state = checkpointer.load(resume, ddp, optimizer, scheduler, layout)
         step, consumed, skipped = state["step"], state["consumed_samples"], state["skipped_steps"]
