@@ -159,3 +159,46 @@ def test_invalid_utf8_is_a_bad_line_for_every_jsonl_reader(tmp_path):
     assert isinstance(records[1][1], BadLine) and str(records[1][1]) == "not valid UTF-8 (byte 7 of the line)"
     with pytest.raises(ConfigError, match=rf"^--eval {path}:2: not valid UTF-8 \(byte 7 of the line\)$"):
         list(checked_records(path, "--eval "))
+
+
+def _indexed(prefix, docs):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for ids in docs:
+        builder.add_item(torch.tensor(ids, dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_indexed_data_is_checked_whole_and_within_the_vocabulary(tmp_path):
+    from phi4.data.check import check_tokens, largest_id, sources_fingerprint
+    from phi4.errors import ConfigError
+
+    prefix = tmp_path / "web"
+    _indexed(prefix, [[1, 2, 3], [100351, 5]])
+    check_tokens(str(prefix), 100352, "data.sources.web")
+    assert json.loads((tmp_path / "web.check.json").read_text())["largest_id"] == 100351  # cached beside it
+    before = sources_fingerprint([str(prefix)])
+
+    _indexed(prefix, [[1, 2, 3], [100352, 5]])  # re-made: the cache no longer applies
+    with pytest.raises(ConfigError, match=rf"data.sources.web: {prefix}.bin holds token id 100352, but the model's "
+                                          r"vocabulary has model.vocab_size=100352 ids \(0-100351\)"):
+        check_tokens(str(prefix), 100352, "data.sources.web")
+    assert largest_id(str(prefix)) == 100352 and sources_fingerprint([str(prefix)]) != before
+
+    data = (tmp_path / "web.bin").read_bytes()
+    (tmp_path / "web.bin").write_bytes(data[:-4])
+    with pytest.raises(ConfigError, match=rf"{prefix}.bin: 16 bytes, but {prefix}.idx describes 20 .* does not match"):
+        check_tokens(str(prefix), 100352, "data.sources.web")
+    idx = (tmp_path / "web.idx").read_bytes()
+    (tmp_path / "web.idx").write_bytes(idx[:-3])
+    with pytest.raises(ConfigError, match=rf"{prefix}.idx: \d+ bytes, but its counts .* truncated or corrupt"):
+        check_tokens(str(prefix), 100352, "data.sources.web")
+    (tmp_path / "web.idx").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"web.idx: not a Megatron-Core index"):
+        check_tokens(str(prefix), 100352, "data.sources.web")
+    _indexed(tmp_path / "empty", [])
+    with pytest.raises(ConfigError, match=r"empty.bin holds no tokens"):
+        check_tokens(str(tmp_path / "empty"), 100352, "data.sources.empty")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
 import pytest
 import yaml
 
@@ -350,3 +351,19 @@ def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_i
     assert (run / "config.yaml").read_bytes() == before
     allowed = cfg_with("train.global_batch_size=8", "checkpoint.allow_new_batch_shape=true", "model.backend=local")
     check_resume(allowed, settings(allowed)[0], latest_checkpoint(run))  # asked for: accepted
+
+
+def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_path, cache):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "data" / "web"
+    prefix.parent.mkdir()
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    builder.add_item(torch.tensor([5, 120000, 7] * 40, dtype=torch.int32))
+    builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    out = train(tmp_path / "run", *small(cache, "train.steps=3"), f"data.sources=[{{name: web, path: {prefix}, weight: 1}}]")
+    assert out.returncode == 2, out.stdout[-2000:]
+    assert f"error: data.sources.web: {prefix}.bin holds token id 120000" in out.stdout and "Traceback" not in out.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,6 +43,28 @@ def prepare_sources(data: DictConfig, seq_length: int, rank: int) -> list[Source
                 ensure_corpus(Path(s.path), seq_length=seq_length, **spec)
     torch.distributed.barrier()
     return sources
+
+
+def check_data(data: DictConfig, sources: list[Source], vocab_size: int) -> None:
+    """Every source whole and within the vocabulary, before the model is built (each rank checks
+    what it will read)."""
+    from phi4.data.blend import check_sources
+    from phi4.data.check import check_tokens, read_index
+
+    fmt = data_format(data)
+    if fmt == "preference":  # JSONL, checked line by line as it is read
+        return
+    check_sources(sources)
+    for s in sources:
+        check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
+        if fmt == "packed_chat":
+            from phi4.data.chat import MASK_SUFFIX
+
+            _, lengths, _ = read_index(s.path)
+            _, mask_lengths, _ = read_index(s.path + MASK_SUFFIX)
+            if not numpy.array_equal(lengths, mask_lengths):
+                raise ConfigError(f"data.sources.{s.name}: {s.path}{MASK_SUFFIX}.idx does not match {s.path}.idx "
+                                  "row for row: re-make both with `phi4-data chat`")
 
 
 def _split_range(n: int, split: str, which: int) -> range:
@@ -95,8 +119,11 @@ def build_train_valid(data: DictConfig, sources: list[Source], seq_length: int, 
     """(train, validation) datasets of the configured format."""
     fmt = data_format(data)
     if fmt == "gpt":
-        return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split,
-                              str(Path(data.cache_dir) / "index_cache"))
+        from phi4.data.check import sources_fingerprint
+
+        # keyed by the files themselves: a re-made dataset never meets a stale index cache
+        cache = Path(data.cache_dir) / "index_cache" / sources_fingerprint([s.path for s in sources])
+        return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split, str(cache))
     if fmt == "packed_chat":
         from phi4.data.chat import PackedChatDataset
 

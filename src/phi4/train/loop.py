@@ -185,7 +185,7 @@ def train(cfg: DictConfig) -> int:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from phi4.data.blend import GlobalBatches, evaluation_samples
-    from phi4.data.formats import Collate, build_train_valid, prepare_sources
+    from phi4.data.formats import Collate, build_train_valid, check_data, prepare_sources
     from phi4.model.build import build_phi4_model, model_summary, transformer_config
     from phi4.model.validate import check_run
     from phi4.runtime.distributed import init_distributed, shutdown
@@ -221,6 +221,7 @@ def train(cfg: DictConfig) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     sources = prepare_sources(cfg.data, t.seq_length, rank)
+    check_data(cfg.data, sources, model.vocab_size)
 
     config = transformer_config(model, topology, precision)
     chunks = build_phi4_model(model, topology, precision, config=config)
