@@ -367,3 +367,37 @@ def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_p
     assert out.returncode == 2, out.stdout[-2000:]
     assert f"error: data.sources.web: {prefix}.bin holds token id 120000" in out.stdout and "Traceback" not in out.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_kill_9_leaves_no_orphan_process(tmp_path, cache):
+    """The checkpoint writer's helper (a forked multiprocessing Manager, ~450 MB) ends with its
+    training process, kill -9 included."""
+    import psutil
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([str(BIN / "phi4-train"), f"run_dir={run}", *small(cache, "train.steps=200",
+                            "checkpoint.every=2", "train.log_every=50")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the first save starts the writer's helper"
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def running(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(running(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p.pid for p in children if running(p)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
