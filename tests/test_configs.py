@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 
 from helpers import ROOT
 from phi4.model.validate import check_run
-from phi4.train.loop import check_training, settings, total_steps
+from phi4.train.loop import check_numbers, check_training, settings, total_steps
 
 CONF = str(ROOT / "conf")
 STAGES = sorted(p.stem for p in (ROOT / "conf/stage").glob("*.yaml"))
@@ -21,6 +21,7 @@ def _compose(*overrides):
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_composes(stage):
     cfg = _compose(f"stage={stage}")
+    check_numbers(cfg)  # every shipped number has its type and range
     model, topology, precision = settings(cfg)
     assert total_steps(cfg) >= 1
 

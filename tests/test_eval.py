@@ -305,3 +305,16 @@ def test_part_files_lose_only_a_torn_last_line(tmp_path):
     part.write_text('{"index": 0}\nnot json\n{"index": 2}\n')
     with pytest.raises(ConfigError, match="line 2 is not valid JSON"):
         read_part(part, repair=True)
+
+
+def test_phi4_eval_without_a_checkpoint_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([str(Path(sys.executable).parent / "phi4-eval"), f"run_dir={tmp_path / 'e'}"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 2 and "error: checkpoint is not set; give checkpoint=... on the command line" in text
+    assert "Traceback" not in text and not (tmp_path / "e").exists()

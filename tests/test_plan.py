@@ -217,6 +217,8 @@ def test_text_report(capsys):
     (["hardware=a100"], "invalid override"),
     (["hardware.matmul_efficiency=1.5"], "hardware.matmul_efficiency=1.5"),
     (["--searhc"], "unknown option(s) --searhc"),
+    (["plan.gpus=0"], "plan.gpus=0; valid: a whole number of devices, at least 1"),
+    (["plan.gpus=-8"], "plan.gpus=-8; valid"),
 ])
 def test_bad_input_is_one_clear_error(capsys, args, message):
     assert plan_main(args) == 2

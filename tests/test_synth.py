@@ -102,3 +102,14 @@ def test_cli_writes_a_test_split_and_refuses_an_empty_one(tmp_path, capsys):
     assert stop.value.code == 2
     assert "--split test: problem kind 'small_sum' has no questions in the test split" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # nothing half-written
+
+
+@pytest.mark.parametrize("count", ["-5", "0", "ten"])
+def test_cli_refuses_a_count_that_is_not_positive(tmp_path, capsys, count):
+    from phi4.data.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["synth", "--count", count, "--out", str(tmp_path / "p.jsonl")])
+    assert stop.value.code == 2
+    assert f"argument --count: '{count}': give a whole number of at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

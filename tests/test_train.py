@@ -267,10 +267,15 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
         (["eval.samples=3"], "eval.samples=3 with eval.temperature=0: greedy decoding answers the same each time"),
         (["eval.tasks=[/no/bench.jsonl]"], "eval.tasks: not found: /no/bench.jsonl"),
         (["eval.every=-1"], "eval.every=-1 must be 0 (never) or a number of steps"),
-        (["checkpoint.keep=0"], "checkpoint.keep=0; valid: a whole number of at least 1"),
-        (["checkpoint.keep=-2"], "checkpoint.keep=-2; valid: a whole number of at least 1"),
-        (["checkpoint.every=-1"], "checkpoint.every=-1; valid: a whole number of at least 0"),
-        (["train.log_every=0"], "train.log_every=0; valid: a whole number of at least 1"),
+        (["checkpoint.keep=0"], "checkpoint.keep=0; valid: a whole number at least 1"),
+        (["checkpoint.keep=-2"], "checkpoint.keep=-2; valid: a whole number at least 1"),
+        (["checkpoint.every=-1"], "checkpoint.every=-1; valid: a whole number at least 0"),
+        (["train.log_every=0"], "train.log_every=0; valid: a whole number at least 1"),
+        (["train.steps=abc"], "train.steps='abc'; valid: a whole number at least 1"),
+        (["train.global_batch_size=0"], "train.global_batch_size=0; valid: a whole number at least 1"),
+        (["optim.lr=-1"], "optim.lr=-1; valid: a number above 0"),
+        (["optim.adam_beta2=1.5"], "optim.adam_beta2=1.5; valid: a number at least 0 and below 1"),
+        (["train.micro_batch_size=2.5"], "train.micro_batch_size=2.5; valid: a whole number at least 1"),
     ],
 )
 def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
@@ -401,3 +406,14 @@ def test_kill_9_leaves_no_orphan_process(tmp_path, cache):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive
+
+
+def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path):
+    """Hydra makes the run directory and an empty log before the job runs; a refused run removes
+    them, but never a directory that already held something."""
+    out = train(tmp_path / "fresh", "topology.tp=3")
+    assert out.returncode == 2 and not (tmp_path / "fresh").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    out = train(tmp_path / "used", "topology.tp=3")
+    assert out.returncode == 2 and (tmp_path / "used" / "notes.txt").read_text() == "mine"

@@ -42,11 +42,17 @@ def _decontaminate(args) -> None:
     print(f"{report.throughput()}; report in {args.output_dir / 'decontamination.json'}{where}")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="phi4-data", description="Make and prepare training data.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="synthetic arithmetic word problems with worked solutions, as JSONL")
-    s.add_argument("--count", type=int, required=True)
+    s.add_argument("--count", type=_positive, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--split", choices=["all", "train", "test"], default="all",
                    help="test: only held-out questions (never in a train draw, whatever the seed); train: none of them")

@@ -63,10 +63,6 @@ def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> 
     if t.seq_length > model.max_position_embeddings:
         raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings}")
-    c = cfg.checkpoint
-    _whole_number("checkpoint.keep", c.keep, 1, "the newest checkpoints kept; the one just written is always kept")
-    _whole_number("checkpoint.every", c.every, 0, "0 saves only at the end")
-    _whole_number("train.log_every", t.log_every, 1, "steps between training lines")
 
 
 # Settings a resumed run may change without asking (the checkpoint loads into any layout and
@@ -96,9 +92,47 @@ def check_resume(cfg: DictConfig, model: ModelConfig, checkpoint: Path) -> None:
                           "or keep the run's settings")
 
 
-def _whole_number(name: str, value, least: int, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{name}={value!r}; valid: a whole number of at least {least} ({meaning})")
+# (setting, kind, lower bound, upper bound or None, what it means): the numbers of the loop's
+# groups, checked for type and range before anything else reads them.
+_NUMBERS = [
+    ("train.steps", int, 1, None, "optimizer steps; or null to derive them from train.token_budget"),
+    ("train.token_budget", float, 1, None, "tokens to train on (used when train.steps is null)"),
+    ("train.seq_length", int, 1, None, "tokens per sample"),
+    ("train.micro_batch_size", int, 1, None, "samples per micro-batch"),
+    ("train.global_batch_size", int, 1, None, "samples per optimizer step"),
+    ("train.log_every", int, 1, None, "steps between training lines"),
+    ("train.eval_every", int, 0, None, "steps between validation losses; 0 never"),
+    ("train.eval_samples", int, 0, None, "validation samples"),
+    ("train.max_nonfinite_in_a_row", int, 1, None, "skipped steps in a row before the run stops"),
+    ("optim.lr", float, 0, None, "the peak learning rate, above 0"),
+    ("optim.min_lr", float, 0, None, "the final learning rate"),
+    ("optim.warmup_steps", int, 0, None, "warm-up steps"),
+    ("optim.weight_decay", float, 0, None, "decoupled weight decay"),
+    ("optim.adam_beta1", float, 0, 1, "Adam's first-moment decay, below 1"),
+    ("optim.adam_beta2", float, 0, 1, "Adam's second-moment decay, below 1"),
+    ("optim.adam_eps", float, 0, None, "Adam's epsilon, above 0"),
+    ("optim.clip_grad", float, 0, None, "the gradient norm clip; 0 off"),
+    ("checkpoint.every", int, 0, None, "steps between checkpoints; 0 saves only at the end"),
+    ("checkpoint.keep", int, 1, None, "the newest checkpoints kept; the one just written is always kept"),
+]
+_ABOVE_ZERO = {"optim.lr", "optim.adam_eps"}
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Each number of the loop's settings has the right type and range; a typo is one line."""
+    for name, kind, least, most, meaning in _NUMBERS:
+        value = OmegaConf.select(cfg, name, default=None)
+        if value is None and name in ("train.steps", "train.token_budget"):
+            continue
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        ok = whole or (kind is float and isinstance(value, float) and math.isfinite(value))
+        if ok:
+            ok = (value > least if name in _ABOVE_ZERO else value >= least) and (most is None or value < most)
+        if not ok:
+            bound = f"above {least}" if name in _ABOVE_ZERO else f"at least {least}"
+            bounds = f"{bound}{f' and below {most}' if most is not None else ''}"
+            raise ConfigError(f"{name}={value!r}; valid: {'a whole number' if kind is int else 'a number'} "
+                              f"{bounds} ({meaning})")
 
 
 class StopRequest:
@@ -196,6 +230,7 @@ def train(cfg: DictConfig) -> int:
     from phi4.train.metrics import MetricsWriter, StepLog, device_peak_tflops
     from phi4.train.step import OptimSettings, build_optimizer, wrap_ddp
 
+    check_numbers(cfg)
     model, topology, precision = settings(cfg)
     launch = read_launch_env()
     if topology.world_size and topology.world_size != launch.world_size:
