@@ -307,14 +307,26 @@ def test_part_files_lose_only_a_torn_last_line(tmp_path):
         read_part(part, repair=True)
 
 
-def test_phi4_eval_without_a_checkpoint_is_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_phi4_eval_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    """An unset required setting (`???`) is one line and exit 2, from any entry point."""
+    import logging
 
-    out = subprocess.run([str(Path(sys.executable).parent / "phi4-eval"), f"run_dir={tmp_path / 'e'}"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    text = out.stdout + out.stderr
-    assert out.returncode == 2 and "error: checkpoint is not set; give checkpoint=... on the command line" in text
-    assert "Traceback" not in text and not (tmp_path / "e").exists()
+    from hydra import compose, initialize_config_dir
+
+    from helpers import ROOT
+    from phi4.eval.cli import evaluate_checkpoint
+    from phi4.logs import run_job
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("evaluate", overrides=[f"run_dir={tmp_path / 'e'}"])
+    handlers, level = logging.root.handlers[:], logging.root.level  # run_job sets up the console
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_job(evaluate_checkpoint, cfg, logging.getLogger("phi4.eval"), {ConfigError: 2})
+    finally:
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: checkpoint is not set; give checkpoint=... on the command line" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()

@@ -293,11 +293,11 @@ def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
 
 
 def test_bad_setting_is_one_line_and_exit_2(tmp_path):
-    out = train(tmp_path, "topology.tp=3")
+    out = train(tmp_path / "run", "topology.tp=3")
     assert out.returncode == 2
     text = out.stdout + out.stderr
     assert "error: topology.tp=3 does not divide the model evenly" in text and "Traceback" not in text
-    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+    assert not (tmp_path / "run").exists()  # not even the directory Hydra made, with its empty log
 
 
 def test_unknown_override_is_hydras_error(tmp_path):
@@ -408,12 +408,19 @@ def test_kill_9_leaves_no_orphan_process(tmp_path, cache):
     assert not alive
 
 
-def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path):
-    """Hydra makes the run directory and an empty log before the job runs; a refused run removes
-    them, but never a directory that already held something."""
-    out = train(tmp_path / "fresh", "topology.tp=3")
-    assert out.returncode == 2 and not (tmp_path / "fresh").exists()
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "notes.txt").write_text("mine")
-    out = train(tmp_path / "used", "topology.tp=3")
-    assert out.returncode == 2 and (tmp_path / "used" / "notes.txt").read_text() == "mine"
+def test_a_directory_that_held_something_is_never_removed(tmp_path):
+    """A refused run removes the run directory Hydra made with its empty log (see the exit-2
+    test), never one that held anything."""
+    from omegaconf import OmegaConf
+
+    from phi4.logs import _drop_empty_run_dir
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "main.log").write_text("")
+    (used / "notes.txt").write_text("mine")
+    _drop_empty_run_dir(OmegaConf.create({"run_dir": str(used)}))
+    assert (used / "notes.txt").read_text() == "mine" and (used / "main.log").exists()
+    (tmp_path / "empty").mkdir()  # made by the user, not by Hydra: left alone too
+    _drop_empty_run_dir(OmegaConf.create({"run_dir": str(tmp_path / "empty")}))
+    assert (tmp_path / "empty").is_dir()
