@@ -306,3 +306,20 @@ def test_cli_verify_both_directions(hf_dir, tmp_path):
     out = _convert("mcore-to-hf", "--ckpt", tmp_path / "mc", "--out", tmp_path / "strict", "--verify", "--tolerance", "0")
     assert out.returncode == 1 and "FAILED" in out.stdout
     _nothing_left(tmp_path / "strict")
+
+
+def test_a_config_json_that_is_not_json_or_lacks_a_field_is_one_line(tmp_path):
+    import json
+
+    from phi4.convert.hf_config import model_config_from_hf
+    from phi4.errors import ConfigError
+
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid JSON .*; a Hugging Face config.json is one JSON object$"):
+        model_config_from_hf(path)
+    path.write_text(json.dumps({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 64}))
+    with pytest.raises(ConfigError, match=r"no whole number under intermediate_size, num_hidden_layers, "
+                                          r"num_attention_heads, vocab_size"):
+        model_config_from_hf(path)
+

@@ -276,6 +276,8 @@ def test_torchrun_tensor_and_sequence_parallel(tmp_path, cache):
         (["optim.lr=-1"], "optim.lr=-1; valid: a number above 0"),
         (["optim.adam_beta2=1.5"], "optim.adam_beta2=1.5; valid: a number at least 0 and below 1"),
         (["train.micro_batch_size=2.5"], "train.micro_batch_size=2.5; valid: a whole number at least 1"),
+        (["data.split='98;2'"], "data.split='98;2'; valid: train, validation and test shares"),
+        (["data.split='0,0,0'"], "data.split='0,0,0'; valid"),
     ],
 )
 def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
@@ -424,3 +426,25 @@ def test_a_directory_that_held_something_is_never_removed(tmp_path):
     (tmp_path / "empty").mkdir()  # made by the user, not by Hydra: left alone too
     _drop_empty_run_dir(OmegaConf.create({"run_dir": str(tmp_path / "empty")}))
     assert (tmp_path / "empty").is_dir()
+
+
+def test_a_run_dir_that_is_a_file_or_not_writable_is_refused(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from phi4.train.loop import train as run_training
+
+    def refused(run_dir):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose("train", overrides=[f"run_dir={run_dir}"])
+        with pytest.raises(ConfigError) as err:
+            run_training(cfg)
+        return str(err.value)
+
+    (tmp_path / "file").write_text("x")
+    assert refused(tmp_path / "file") == f"run_dir={tmp_path / 'file'} is a file; valid: a directory (made if missing)"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse
+        pytest.skip("running as root: every directory is writable")
+    assert "is not writable" in refused(locked / "run")
+

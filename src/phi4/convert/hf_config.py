@@ -27,7 +27,13 @@ def model_config_from_hf(config_path: Path) -> ModelConfig:
     a ConfigError naming the field."""
     if not config_path.exists():
         raise ConfigError(f"{config_path} does not exist: a Hugging Face checkpoint directory holds config.json")
-    cfg = json.loads(config_path.read_text())
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{config_path}: not valid JSON ({err}); a Hugging Face config.json is one JSON object") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{config_path}: a JSON {type(cfg).__name__}; a Hugging Face config.json is one JSON object")
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     arch = cfg.get("architectures") or []
     if arch != [ARCHITECTURE] or cfg.get("model_type") != "phi3":
         raise ConfigError(
@@ -50,6 +56,10 @@ def model_config_from_hf(config_path: Path) -> ModelConfig:
     for field, (value, valid) in checks.items():
         if value not in valid:
             raise ConfigError(f"{config_path}: {field}={value!r} is not supported; valid: {valid[0]!r}")
+    missing = [k for k in needed if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+    if missing:
+        raise ConfigError(f"{config_path}: no whole number under {', '.join(missing)}; valid: Phi3ForCausalLM's "
+                          "config.json fields")
     heads = cfg["num_attention_heads"]
     return ModelConfig(
         hidden_size=cfg["hidden_size"],

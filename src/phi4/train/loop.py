@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> 
     if t.seq_length > model.max_position_embeddings:
         raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings}")
+    check_split(str(cfg.data.get("split", "98,2,0")))
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={run_dir} is a file; valid: a directory (made if missing)")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir={run_dir}: {existing} is not writable; valid: a directory this user can write")
+
+
+def check_split(split: str) -> None:
+    """data.split: train, validation and test shares (Megatron-Core pads missing ones with 0)."""
+    parts = split.split(",")
+    try:
+        shares = [float(x) for x in parts]
+    except ValueError:
+        shares = []
+    if not 1 <= len(shares) <= 3 or any(not math.isfinite(x) or x < 0 for x in shares) or not sum(shares) > 0:
+        raise ConfigError(f"data.split={split!r}; valid: train, validation and test shares (up to three "
+                          "non-negative numbers, not all 0), e.g. '98,2,0'")
 
 
 # Settings a resumed run may change without asking (the checkpoint loads into any layout and
