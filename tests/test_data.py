@@ -186,7 +186,7 @@ def test_indexed_data_is_checked_whole_and_within_the_vocabulary(tmp_path):
     with pytest.raises(ConfigError, match=rf"data.sources.web: {prefix}.bin holds token id 100352, but the model's "
                                           r"vocabulary has model.vocab_size=100352 ids \(0-100351\)"):
         check_tokens(str(prefix), 100352, "data.sources.web")
-    assert largest_id(str(prefix)) == 100352 and sources_fingerprint([str(prefix)]) != before
+    assert largest_id(str(prefix), numpy.int32) == 100352 and sources_fingerprint([str(prefix)]) != before
 
     data = (tmp_path / "web.bin").read_bytes()
     (tmp_path / "web.bin").write_bytes(data[:-4])

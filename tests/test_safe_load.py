@@ -97,3 +97,17 @@ def test_every_loader_checks_first(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "refused to load item 'common.step'" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_rewritten_after_it_passed_is_checked_again(tmp_path):
+    """Each directory is checked once per process while its files stay the same: a checkpoint
+    written over in place is read again, not waved through."""
+    directory = tmp_path / "ckpt"
+    _save(directory, {"w": torch.ones(3), "common": {"step": 1}})
+    check_checkpoint(directory)
+    check_checkpoint(directory)  # the same files: no second read of the items
+    marker = tmp_path / "ran"
+    _save(directory, {"w": torch.ones(3), "common": {"step": Payload(marker)}})
+    with pytest.raises(ConfigError, match="refused to load item 'common.step'"):
+        check_checkpoint(directory)
+    assert not marker.exists()

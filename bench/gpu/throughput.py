@@ -157,12 +157,12 @@ def run_one(args) -> dict:
     plan = plan_for(model, topology, precision, hardware, seq, mbs, micro_batches)
     result = dict(shape=args.shape, backend=model.backend, fp8=args.fp8 or None, dtype=precision.dtype,
                   layers=layers, seq=seq, micro_batch_size=mbs, micro_batches=micro_batches, hardware=hardware.name)
+    import torch
+
     try:
         result.update(measure(model, topology, precision, hardware, seq, mbs, micro_batches, args.steps, args.warmup,
                               args.profile))
-    except Exception as err:  # out of memory: the caller retries with fewer layers
-        if "out of memory" not in str(err).lower():
-            raise
+    except torch.OutOfMemoryError as err:  # the caller retries with fewer layers
         result.update(oom=True, error=str(err).splitlines()[0][:300])
         return result
     result.update(plan_tokens_per_s=plan["tokens_per_s_per_gpu"], plan_model_tflops=plan["model_tflops_per_gpu"],

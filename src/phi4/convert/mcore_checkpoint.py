@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from phi4.errors import ConfigError
-from phi4.train.safe_load import check_checkpoint, read_metadata
+from phi4.train.safe_load import check_checkpoint
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"  # Megatron-Core's ShardedObject("common_state", (1,), (0,))
@@ -153,8 +153,7 @@ class CheckpointReader:
             backend = json.loads(meta_json.read_text()).get("sharded_backend")
             if backend != "torch_dist":
                 raise ConfigError(f"{meta_json}: sharded_backend={backend!r}; valid: 'torch_dist'")
-        check_checkpoint(self.dir)  # the plain readers below unpickle; nothing in it may run code
-        self.metadata = read_metadata(self.dir)
+        self.metadata = check_checkpoint(self.dir)  # the plain readers below unpickle: nothing in it may run code
         self.tensors = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }

@@ -31,37 +31,40 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def read_index(prefix: str) -> tuple[type, numpy.ndarray, numpy.ndarray]:
-    """(dtype, sequence lengths, sequence byte offsets) of `<prefix>.idx`, checked against itself
-    and against `<prefix>.bin`'s size."""
+def read_index(prefix: str) -> tuple[type, numpy.ndarray]:
+    """(dtype, sequence lengths) of `<prefix>.idx`, checked against itself and against
+    `<prefix>.bin`'s size; the arrays are memory-mapped, as Megatron-Core reads them."""
     idx, binary = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     for path in (idx, binary):
         if not path.is_file():
             raise ConfigError(f"{path} not found; make it with `phi4-data preprocess --output-prefix {prefix}`")
-    data = idx.read_bytes()
-    if len(data) < _FIXED or not data.startswith(_HEADER):
+    with open(idx, "rb") as f:
+        head = f.read(_FIXED)
+    if len(head) < _FIXED or not head.startswith(_HEADER):
         raise ConfigError(f"{idx}: not a Megatron-Core index (no MMIDIDX header); re-make it with phi4-data")
-    version, code, sequences, documents = struct.unpack_from("<QBQQ", data, len(_HEADER))
+    version, code, sequences, documents = struct.unpack_from("<QBQQ", head, len(_HEADER))
     if version != 1 or code not in _DTYPES:
         raise ConfigError(f"{idx}: index version {version}, dtype code {code}; valid: version 1, codes 1-8")
     expected = _FIXED + 12 * sequences + 8 * documents
-    if len(data) not in (expected, expected + sequences):  # + one mode byte per sequence (multimodal)
-        raise ConfigError(f"{idx}: {len(data)} bytes, but its counts ({sequences} sequences, {documents} document "
-                          f"boundaries) need {expected}: truncated or corrupt; re-make it with phi4-data")
+    if idx.stat().st_size not in (expected, expected + sequences):  # + one mode byte per sequence (multimodal)
+        raise ConfigError(f"{idx}: {idx.stat().st_size} bytes, but its counts ({sequences} sequences, {documents} "
+                          f"document boundaries) need {expected}: truncated or corrupt; re-make it with phi4-data")
     dtype = _DTYPES[code]
-    lengths = numpy.frombuffer(data, numpy.int32, sequences, _FIXED)
-    offsets = numpy.frombuffer(data, numpy.int64, sequences, _FIXED + 4 * sequences)
-    size = binary.stat().st_size
-    itemsize = numpy.dtype(dtype).itemsize
-    need = int(lengths.astype(numpy.int64).sum()) * itemsize
-    if size != need or (sequences and (offsets[0] != 0 or offsets[-1] + int(lengths[-1]) * itemsize != size)):
+    if not sequences:
+        return dtype, numpy.zeros(0, numpy.int32)
+    lengths = numpy.memmap(idx, numpy.int32, "r", _FIXED, (sequences,))
+    last = int(numpy.memmap(idx, numpy.int64, "r", _FIXED + 4 * sequences + 8 * (sequences - 1), (1,))[0])
+    size, itemsize = binary.stat().st_size, numpy.dtype(dtype).itemsize
+    need = int(lengths.sum(dtype=numpy.int64)) * itemsize
+    if size != need or last + int(lengths[-1]) * itemsize != size:
         raise ConfigError(f"{binary}: {size} bytes, but {idx} describes {need} ({sequences} sequences of "
                           f"{numpy.dtype(dtype).name}): the pair does not match (truncated, or one of them re-made)")
-    return dtype, lengths, offsets
+    return dtype, lengths
 
 
-def largest_id(prefix: str) -> int:
-    """The largest value in `<prefix>.bin`, cached beside it while both files stay the same."""
+def largest_id(prefix: str, dtype: type) -> int:
+    """The largest value in `<prefix>.bin` (of `dtype`, as its index says), cached beside it while
+    both files stay the same."""
     binary, idx = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     cache = Path(f"{prefix}.check.json")
     stamp = dict(bin=_stamp(binary), idx=_stamp(idx))
@@ -71,7 +74,6 @@ def largest_id(prefix: str) -> int:
             return int(saved["largest_id"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    dtype, lengths, _ = read_index(prefix)
     values = numpy.memmap(binary, dtype=dtype, mode="r") if binary.stat().st_size else numpy.zeros(0, dtype)
     top = -1
     for start in range(0, len(values), _CHUNK):
@@ -85,15 +87,17 @@ def largest_id(prefix: str) -> int:
     return top
 
 
-def check_tokens(prefix: str, vocab_size: int, setting: str) -> None:
-    """`<prefix>.bin`/`.idx` whole, matching, not empty, and every id below `vocab_size`."""
-    _, lengths, _ = read_index(prefix)
+def check_tokens(prefix: str, vocab_size: int, setting: str) -> numpy.ndarray:
+    """`<prefix>.bin`/`.idx` whole, matching, not empty, and every id below `vocab_size`; returns
+    the sequence lengths."""
+    dtype, lengths = read_index(prefix)
     if not len(lengths) or not lengths.any():
         raise ConfigError(f"{setting}: {prefix}.bin holds no tokens; re-make it with phi4-data")
-    top = largest_id(prefix)
+    top = largest_id(prefix, dtype)
     if top >= vocab_size:
         raise ConfigError(f"{setting}: {prefix}.bin holds token id {top}, but the model's vocabulary has "
                           f"model.vocab_size={vocab_size} ids (0-{vocab_size - 1}): tokenized for another model?")
+    return lengths
 
 
 def sources_fingerprint(prefixes: list[str]) -> str:

@@ -112,7 +112,7 @@ def main(argv=None) -> None:
             _report_bad_lines(args.output_prefix, report.bad_lines)
     except ConfigError as err:
         print(f"phi4-data: error: {err}", file=sys.stderr)
-        sys.exit(130 if type(err).__name__ == "Interrupted" else 2)
+        sys.exit(getattr(err, "exit_code", 2))
 
 
 if __name__ == "__main__":

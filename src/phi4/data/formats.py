@@ -31,8 +31,10 @@ def data_format(data: DictConfig) -> str:
     return fmt
 
 
-def prepare_sources(data: DictConfig, seq_length: int, rank: int) -> list[Source]:
-    """The configured sources; rank 0 first generates the bundled synthetic ones that are missing."""
+def prepare_sources(data: DictConfig, seq_length: int, rank: int, vocab_size: int) -> list[Source]:
+    """The configured sources, checked (`check_data`); rank 0 first generates the bundled synthetic
+    ones that are missing and checks them before the others, which then read its cached results
+    instead of scanning every file again."""
     from phi4.data.corpus import ensure_corpus
 
     sources = [Source(s.name, str(s.path), float(s.weight)) for s in data.sources]
@@ -41,7 +43,10 @@ def prepare_sources(data: DictConfig, seq_length: int, rank: int) -> list[Source
             if s.get("generate"):
                 spec = OmegaConf.to_container(s.generate, resolve=True)
                 ensure_corpus(Path(s.path), seq_length=seq_length, **spec)
+        check_data(data, sources, vocab_size)
     torch.distributed.barrier()
+    if rank != 0:
+        check_data(data, sources, vocab_size)
     return sources
 
 
@@ -56,12 +61,11 @@ def check_data(data: DictConfig, sources: list[Source], vocab_size: int) -> None
         return
     check_sources(sources)
     for s in sources:
-        check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
+        lengths = check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
         if fmt == "packed_chat":
             from phi4.data.chat import MASK_SUFFIX
 
-            _, lengths, _ = read_index(s.path)
-            _, mask_lengths, _ = read_index(s.path + MASK_SUFFIX)
+            _, mask_lengths = read_index(s.path + MASK_SUFFIX)
             if not numpy.array_equal(lengths, mask_lengths):
                 raise ConfigError(f"data.sources.{s.name}: {s.path}{MASK_SUFFIX}.idx does not match {s.path}.idx "
                                   "row for row: re-make both with `phi4-data chat`")

@@ -11,10 +11,13 @@ when complete; SIGINT or SIGTERM removes them and says how far it got.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -72,6 +75,8 @@ def _encode_line(line: str) -> tuple[Optional[list[int]], Optional[str]]:
 class Interrupted(ConfigError):
     """SIGINT/SIGTERM during preprocess: nothing was written; the message says how far it got."""
 
+    exit_code = 130  # a shell's code for a command ended by a signal
+
 
 def _lines(paths: Iterable[Path], report: "PreprocessReport", bar) -> Iterator[tuple[str, int, bytes]]:
     for path in paths:
@@ -105,10 +110,9 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
     builder = IndexedDatasetBuilder(f"{partial}.bin", dtype=numpy.int32)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                disable=not progress, mininterval=1.0)
-    previous = _raise_on_sigterm()
     try:
         # spawn, not fork: the caller may already run process-group threads (phi4-train does)
-        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (text_key,)) as pool:
+        with _sigterm_as_interrupt(), multiprocessing.get_context("spawn").Pool(workers, _init_worker, (text_key,)) as pool:
             for source, line_no, nbytes, ids, error in pool.imap(_encode, _lines(inputs, report, bar), chunksize=64):
                 if ids is None:
                     report.bad_lines.append(f"{source}:{line_no}: {error}")
@@ -131,7 +135,6 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
         raise
     finally:
         bar.close()
-        _restore_sigterm(previous)
     if report.documents == 0:
         for suffix in (".bin", ".idx"):
             Path(f"{partial}{suffix}").unlink(missing_ok=True)
@@ -147,23 +150,19 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
     return report
 
 
-def _raise_on_sigterm():
-    """SIGTERM stops preprocess the way Ctrl-C does (its clean-up runs); only in the main thread."""
-    import signal
-    import threading
-
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops preprocess the way Ctrl-C does, so that its clean-up runs (main thread only:
+    elsewhere Python cannot install a handler)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        yield
+        return
 
     def stop(signum, frame):
         raise KeyboardInterrupt("SIGTERM")
 
-    return signal.signal(signal.SIGTERM, stop)
-
-
-def _restore_sigterm(previous) -> None:
-    import signal
-
-    if previous is not None:
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
         signal.signal(signal.SIGTERM, previous)
-

@@ -50,8 +50,6 @@ def total_steps(cfg: DictConfig) -> int:
 def check_training(cfg: DictConfig, dp: int, steps: int, model: ModelConfig) -> None:
     """The loop's own settings, checked before any process group exists."""
     t, o = cfg.train, cfg.optim
-    if steps < 1:
-        raise ConfigError(f"train.steps={steps} must be at least 1")
     if not 0 <= o.warmup_steps < steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be at least 0 and less than train.steps={steps}")
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -239,7 +237,7 @@ def train(cfg: DictConfig) -> int:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from phi4.data.blend import GlobalBatches, evaluation_samples
-    from phi4.data.formats import Collate, build_train_valid, check_data, prepare_sources
+    from phi4.data.formats import Collate, build_train_valid, prepare_sources
     from phi4.model.build import build_phi4_model, model_summary, transformer_config
     from phi4.model.validate import check_run
     from phi4.runtime.distributed import init_distributed, shutdown
@@ -275,8 +273,7 @@ def train(cfg: DictConfig) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    sources = prepare_sources(cfg.data, t.seq_length, rank)
-    check_data(cfg.data, sources, model.vocab_size)
+    sources = prepare_sources(cfg.data, t.seq_length, rank, model.vocab_size)
 
     config = transformer_config(model, topology, precision)
     chunks = build_phi4_model(model, topology, precision, config=config)

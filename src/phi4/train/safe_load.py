@@ -5,8 +5,9 @@ PyTorch's distributed checkpoint reader unpickles `.metadata` with `pickle.load`
 planner unpickles every non-tensor item with `torch.load(weights_only=False)`; either can run
 whatever a crafted file names. `check_checkpoint` reads `.metadata` with an unpickler that admits
 only what that file holds (torch.distributed.checkpoint's metadata classes, torch dtypes, sizes
-and layouts), (and the path it was saved under), and every non-tensor item as `weights_only` (plus numpy arrays, which the RNG
-states hold). Anything else stops with one line naming the file, the item and the class.
+and layouts, the path it was saved under), and every non-tensor item as `weights_only` (plus
+numpy arrays, which the RNG states hold). Anything else stops with one line naming the file, the
+item and the class. A directory is checked once per process while its files stay the same.
 """
 
 from __future__ import annotations
@@ -96,16 +97,32 @@ def _raw_items(directory: Path, keys: list[str]) -> dict[str, bytes]:
     return state
 
 
-def check_checkpoint(directory: Path) -> None:
-    """Refuse, with one line, a checkpoint whose metadata or non-tensor items name anything that
-    could run code; tensors are raw bytes and need no check."""
+_CHECKED: dict[Path, tuple] = {}  # directory -> its files' (name, size, mtime) when it passed
+
+
+def _contents(directory: Path) -> tuple:
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in directory.iterdir() if p.is_file()
+                        for st in [p.stat()]))
+
+
+def check_checkpoint(directory: Path):
+    """The checkpoint's metadata, after refusing with one line a checkpoint whose metadata or
+    non-tensor items name anything that could run code; tensors are raw bytes and need no check."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     metadata = read_metadata(directory)
+    contents = _contents(directory)
+    if _CHECKED.get(directory) == contents:  # resume, common state and weights read the same files
+        return metadata
     keys = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-    if not keys:
-        return
+    if keys:
+        _check_items(directory, keys)
+    _CHECKED[directory] = contents
+    return metadata
+
+
+def _check_items(directory: Path, keys: list[str]) -> None:
     allowed = _numpy_globals()
     for key, raw in _raw_items(directory, keys).items():
         try:
