@@ -3,7 +3,8 @@
 A random tiny Phi3 (grouped-query attention with 4 query heads per group, RoPE base 250000 as
 after Phi-4's mid-training, a vocabulary that needs padding) is the reference; its weights go
 through the converter's mapping into the Megatron-Core model at TP=1 and at TP=2 (one 2-rank
-launch). fp32 on the CPU, tolerance 1e-4 on logits of order 1.
+launch). fp32 on the CPU, tolerance 1e-4 on logits of order 1, and on the next-token loss and
+DPO's sequence log-probabilities, which exclude the padded vocabulary rows at every layout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from multirank import run_ranks
 
 TOL = 1e-4
 MODEL = dict(vocab_size=1000, num_layers=2, rope_base=250000.0, max_position_embeddings=64)
+RESPONSE_FROM = 30  # DPO's log-probability sums the labels from this position on
+
+
+def response_mask(tokens: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+    mask[:, RESPONSE_FROM:] = 1.0
+    return mask
 
 
 def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
@@ -23,8 +31,9 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
 
     from phi4.model.build import build_phi4_model
     from phi4.model.hf_weights import load_hf_weights
+    from phi4.posttrain.dpo import attach_reference_logps
     from phi4.runtime.distributed import init_distributed, set_parallel_layout
-    from phi4.train.step import logits_of_tokens
+    from phi4.train.step import evaluate_loss, logits_of_tokens, micro_batches_from_tokens
 
     model = tiny_model(**MODEL)
     out = {}
@@ -36,7 +45,10 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
         chunks = build_phi4_model(model, topology, FP32)
         load_hf_weights(chunks, weights, model)
         logits = logits_of_tokens(chunks, tokens)
-        out[name] = dict(logits=logits, padded_vocab=model.padded_vocab_size(topology.tp),
+        batches = micro_batches_from_tokens(tokens, tokens.shape[0])
+        loss = evaluate_loss(chunks, batches)
+        logps = attach_reference_logps(chunks, [{**batches[0], "loss_mask": response_mask(tokens)}])[0]["ref_logps"]
+        out[name] = dict(logits=logits, loss=loss, logps=logps, padded_vocab=model.padded_vocab_size(topology.tp),
                          tp_size=parallel_state.get_tensor_model_parallel_world_size(),
                          checkpoint_keys=sorted({getattr(v, "key", k) for k, v in chunks[0].sharded_state_dict().items()}))
     return out
@@ -55,6 +67,12 @@ def reference():
     return weights, tokens, hf_logits
 
 
+def hf_token_logps(hf_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(next token) [batch, seq-1] from the reference's own (unpadded) softmax."""
+    logp = torch.log_softmax(hf_logits[:, :-1].double(), dim=-1)
+    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
 @pytest.fixture(scope="module")
 def megatron(reference):
     weights, tokens, _ = reference
@@ -71,6 +89,24 @@ def test_local_spec_matches_transformers(reference, megatron, layout):
         diff = (got["logits"][..., : hf_logits.shape[-1]] - hf_logits).abs().max().item()
         print(f"{layout} rank {rank}: max |logit| {hf_logits.abs().max():.3f}, max diff {diff:.2e}")
         assert diff <= TOL
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_padded_vocabulary_takes_no_probability(reference, megatron, layout):
+    """The loss and DPO's log-probabilities equal the reference's, whose softmax has only the real
+    1000 rows, at both layouts (1000 is padded to 1024). Zero padded rows with logit 0 would add
+    24 terms to every softmax: about 0.01 nats per token here."""
+    _, tokens, hf_logits = reference
+    token_logps = hf_token_logps(hf_logits, tokens)
+    want_loss = -token_logps.mean().item()
+    want_logps = (token_logps * response_mask(tokens).double()).sum(dim=1)
+    for result in megatron:
+        got = result[layout]
+        assert got["padded_vocab"] > hf_logits.shape[-1]
+        assert torch.isneginf(got["logits"][..., hf_logits.shape[-1]:]).all()
+        print(f"{layout}: loss {got['loss']:.6f} vs {want_loss:.6f}; logps {got['logps'].tolist()} vs {want_logps.tolist()}")
+        assert abs(got["loss"] - want_loss) <= TOL
+        assert (got["logps"].double() - want_logps).abs().max().item() <= TOL * (tokens.shape[1] - RESPONSE_FROM)
 
 
 def test_mapping_is_not_a_plain_copy(reference):

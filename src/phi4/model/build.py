@@ -130,10 +130,38 @@ def build_phi4_model(
             vp_stage=vp,
         )
         chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
+        if chunk.post_process:
+            mask_padded_vocab(chunk.output_layer, model.vocab_size, vocab)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, padded_vocab: int) -> None:
+    """Make the padded vocabulary rows' logits -inf, so that they take no part in any softmax:
+    not the loss's, not DPO's log-probabilities, not sampling's. The padding exists only so that
+    each tensor-parallel rank holds whole blocks of rows; a converted checkpoint's padded rows are
+    zero, whose logit 0 would otherwise take probability mass from the real tokens (and the loss
+    would depend on the layout). Works on this rank's shard of the vocabulary or on the gathered
+    full width, whichever the output layer returns."""
+    if padded_vocab == vocab_size:
+        return
+    from megatron.core import parallel_state
+
+    local = padded_vocab // parallel_state.get_tensor_model_parallel_world_size()
+    start = parallel_state.get_tensor_model_parallel_rank() * local
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        width = logits.shape[-1]
+        first = 0 if width == padded_vocab else start  # gathered, or this rank's shard
+        if first + width <= vocab_size:
+            return None
+        ids = torch.arange(first, first + width, device=logits.device)
+        return logits.masked_fill(ids >= vocab_size, float("-inf")), bias
+
+    output_layer.register_forward_hook(hook)
 
 
 def _encoder_or_decoder():
