@@ -133,3 +133,18 @@ def test_cli_reports_per_source_and_eval_set(corpus, tmp_path, capsys):
         main(["decontaminate", "--eval", str(root / "nope.jsonl"), "--input", str(root / "books.jsonl"),
               "--output-dir", str(tmp_path / "out2"), "--no-progress"])
     assert stop.value.code == 2 and "phi4-data: error: --eval" in capsys.readouterr().err
+
+
+def test_invalid_utf8_is_a_bad_line_and_other_bytes_pass_unchanged(corpus, tmp_path):
+    """The one policy of every JSONL reader: a line that is not UTF-8 is reported by file and
+    line and not copied; every other line is copied byte for byte (no re-encoding)."""
+    root, *_ = corpus
+    lines = [json.dumps({"id": "a", "text": "café crème"}, ensure_ascii=False).encode(),
+             b'{"id": "b", "text": "caf\xe9"}', b"", json.dumps({"id": "c", "text": "plain"}).encode()]
+    (tmp_path / "in").mkdir()
+    source = tmp_path / "in" / "mixed.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    report = decontaminate([source], [root / "bench.jsonl"], tmp_path / "out", workers=1, progress=False)
+    assert report.sources[0].bad_lines == [f"{source}:2: not valid UTF-8 (byte 24 of the line)"]
+    assert report.sources[0].documents == 2
+    assert (tmp_path / "out" / "mixed.jsonl").read_bytes() == lines[0] + b"\n" + lines[3] + b"\n"

@@ -148,12 +148,15 @@ def matches(text: str, hashes: numpy.ndarray, n: int) -> numpy.ndarray:
     return numpy.unique(h[hashes[at] == h])
 
 
-def _check_lines(lines: list[str]) -> list[tuple]:
+def _check_lines(lines: list[bytes]) -> list[tuple]:
     """Per line: ("keep",), ("remove", tokens, matched hashes) or ("bad", reason)."""
     out = []
     for line in lines:
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:  # every JSONL reader's policy: a bad line, never replaced bytes
+            out.append(("bad", f"not valid UTF-8 (byte {err.start} of the line)"))
+            continue
         except json.JSONDecodeError as err:
             out.append(("bad", f"not valid JSON ({err.msg} at column {err.colno})"))
             continue
@@ -202,8 +205,8 @@ class DecontaminationReport:
                 f"{self.documents / per:,.0f} documents/s and {mb / per:.2f} MB/s per worker")
 
 
-def _batches(path: Path, lines_per_batch: int) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+def _batches(path: Path, lines_per_batch: int) -> Iterator[list[bytes]]:
+    with open(path, "rb") as f:
         batch = []
         for line in f:
             batch.append(line)
@@ -258,18 +261,18 @@ def decontaminate(inputs: list[Path], eval_paths: list[Path], output_dir: Path, 
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="decontaminating", file=sys.stderr,
                disable=not progress, mininterval=1.0)
     started = time.perf_counter()
-    removed_file = open(removed_partial, "w", encoding="utf-8") if removed_partial else None
+    removed_file = open(removed_partial, "wb") if removed_partial else None
     try:
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (ngrams.hashes, n, text_key)) as pool:
             for source, path, partial in zip(sources, inputs, partials):
-                with open(partial, "w", encoding="utf-8") as kept:
+                with open(partial, "wb") as kept:
                     line_no = 0
                     pending: deque = deque()  # at most 2 batches per worker in flight: memory stays bounded
 
                     def drain_one():
                         nonlocal line_no
                         lines, result = pending.popleft()
-                        nbytes = sum(len(line.encode("utf-8")) for line in lines)
+                        nbytes = sum(len(line) for line in lines)
                         source.bytes += nbytes
                         for line, verdict in zip(lines, result.get()):
                             line_no += 1
@@ -280,14 +283,14 @@ def decontaminate(inputs: list[Path], eval_paths: list[Path], output_dir: Path, 
                                 continue
                             source.documents += 1
                             if verdict[0] == "keep":
-                                kept.write(line if line.endswith("\n") else line + "\n")
+                                kept.write(line if line.endswith(b"\n") else line + b"\n")
                                 continue
                             source.removed_documents += 1
                             source.removed_tokens += verdict[1]
                             for h in verdict[2]:
                                 items_found.update(ngrams.owners.get(h, ()))
                             if removed_file:
-                                removed_file.write(line if line.endswith("\n") else line + "\n")
+                                removed_file.write(line if line.endswith(b"\n") else line + b"\n")
                         bar.update(nbytes)
 
                     for batch in _batches(path, lines_per_batch):
