@@ -294,12 +294,21 @@ def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
     assert not list(tmp_path.iterdir())
 
 
-def test_bad_setting_is_one_line_and_exit_2(tmp_path):
-    out = train(tmp_path / "run", "topology.tp=3")
+@pytest.mark.parametrize("case", ["setting", "run_dir is a file"])
+def test_bad_setting_is_one_line_and_exit_2(tmp_path, case):
+    """From the command line: exit 2, one line, and nothing made (Hydra makes no run directory
+    or log file of its own)."""
+    run = tmp_path / "run"
+    if case == "setting":
+        out, message = train(run, "topology.tp=3"), "error: topology.tp=3 does not divide the model evenly"
+    else:
+        run.write_text("mine")
+        out, message = train(run), f"error: run_dir={run} is a file; valid: a directory"
     assert out.returncode == 2
-    text = out.stdout + out.stderr
-    assert "error: topology.tp=3 does not divide the model evenly" in text and "Traceback" not in text
-    assert not (tmp_path / "run").exists()  # not even the directory Hydra made, with its empty log
+    assert message in out.stdout and "Traceback" not in out.stdout, out.stdout[-2000:]
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]  # the helper's own log is hidden
+    assert left == ([] if case == "setting" else ["run"])
+    assert case == "setting" or run.read_text() == "mine"
 
 
 def test_unknown_override_is_hydras_error(tmp_path):
@@ -373,7 +382,27 @@ def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_p
     out = train(tmp_path / "run", *small(cache, "train.steps=3"), f"data.sources=[{{name: web, path: {prefix}, weight: 1}}]")
     assert out.returncode == 2, out.stdout[-2000:]
     assert f"error: data.sources.web: {prefix}.bin holds token id 120000" in out.stdout and "Traceback" not in out.stdout
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # found after the process group: config.yaml and tensorboard/ gone again
+
+
+def still_running(children, seconds: float = 10.0) -> list[int]:
+    """The pids among `children` still running (not a zombie) after up to `seconds`; those are
+    killed, so that a failing test leaves no orphan either."""
+    import psutil
+
+    def running(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + seconds
+    while any(running(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p.pid for p in children if running(p)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
 
 
 def test_kill_9_leaves_no_orphan_process(tmp_path, cache):
@@ -395,37 +424,77 @@ def test_kill_9_leaves_no_orphan_process(tmp_path, cache):
         proc.kill()
         proc.wait()
 
-    def running(p):
-        try:
-            return p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 10
-    while any(running(p) for p in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    alive = [p.pid for p in children if running(p)]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive
+    assert not still_running(children)
 
 
-def test_a_directory_that_held_something_is_never_removed(tmp_path):
-    """A refused run removes the run directory Hydra made with its empty log (see the exit-2
-    test), never one that held anything."""
-    from omegaconf import OmegaConf
+SPAWNS_A_MANAGER = """
+import multiprocessing, time
+from phi4.runtime import signals
+signals.install()  # as every entry module does at import: a spawned child re-imports this file
 
-    from phi4.logs import _drop_empty_run_dir
+if __name__ == "__main__":
+    # what dist_checkpointing's writer does at a first save on GPUs (spawn: CUDA is initialised)
+    manager = multiprocessing.get_context("spawn").Manager()
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(120)
+"""
 
-    used = tmp_path / "used"
-    used.mkdir()
-    (used / "main.log").write_text("")
-    (used / "notes.txt").write_text("mine")
-    _drop_empty_run_dir(OmegaConf.create({"run_dir": str(used)}))
-    assert (used / "notes.txt").read_text() == "mine" and (used / "main.log").exists()
-    (tmp_path / "empty").mkdir()  # made by the user, not by Hydra: left alone too
-    _drop_empty_run_dir(OmegaConf.create({"run_dir": str(tmp_path / "empty")}))
-    assert (tmp_path / "empty").is_dir()
+
+def test_a_spawned_helper_ends_with_its_process(tmp_path):
+    """The GPU path: the writer's Manager is spawned, not forked; kill -9 of the process that
+    started it ends it too."""
+    import psutil
+
+    script = tmp_path / "entry.py"
+    script.write_text(SPAWNS_A_MANAGER)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        children = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
+        assert children, "the Manager's server process"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not still_running(children)
+
+
+def test_a_failed_start_leaves_the_run_directory_as_it_was(tmp_path):
+    """What a start writes goes again when the run fails before its first step: the directory it
+    made; in a directory that held a run, only the new entries, and the replaced config.yaml gets
+    its old contents back. After keep() (a step ran) a failure leaves everything."""
+    from phi4.runtime.run_dir import RunDirectory
+
+    def fail(path, rank=0, keep=False):
+        with pytest.raises(RuntimeError):
+            with RunDirectory(path, rank) as run_files:
+                run_files.write("config.yaml", "new: 1\n")
+                (path / "tensorboard").mkdir(exist_ok=True)
+                (path / "tensorboard" / "events.new").write_text("x")
+                (path / "parts").mkdir()
+                if keep:
+                    run_files.keep()
+                raise RuntimeError("data check failed")
+
+    fail(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+    held = tmp_path / "held"
+    (held / "checkpoints").mkdir(parents=True)
+    (held / "tensorboard").mkdir()
+    (held / "tensorboard" / "events.old").write_text("old")
+    (held / "config.yaml").write_text("old: 1\n")
+    fail(held)
+    assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "config.yaml", "tensorboard"]
+    assert [p.name for p in (held / "tensorboard").iterdir()] == ["events.old"]
+    assert (held / "config.yaml").read_text() == "old: 1\n"
+
+    fail(tmp_path / "kept", keep=True)
+    assert (tmp_path / "kept" / "config.yaml").read_text() == "new: 1\n" and (tmp_path / "kept" / "parts").is_dir()
+    (tmp_path / "other").mkdir()  # rank 1 neither writes nor removes: rank 0 owns the directory
+    with pytest.raises(RuntimeError):
+        with RunDirectory(tmp_path / "other", 1) as run_files:
+            run_files.write("config.yaml", "x")
+            raise RuntimeError
+    assert (tmp_path / "other").is_dir() and not list((tmp_path / "other").iterdir())
 
 
 def test_a_run_dir_that_is_a_file_or_not_writable_is_refused(tmp_path):

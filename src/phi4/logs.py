@@ -34,20 +34,5 @@ def run_job(job, cfg, log: logging.Logger, errors: dict) -> None:
         log.error(f"error: {err.full_key} is not set; give {err.full_key}=... on the command line")
         code = 2
     if code:
-        _drop_empty_run_dir(cfg)
         sys.exit(code)
 
-
-def _drop_empty_run_dir(cfg) -> None:
-    """A run that stopped before doing anything leaves no run directory behind: Hydra made it and
-    its empty log file; a directory holding anything else (an earlier run) is left alone."""
-    from pathlib import Path
-
-    run_dir = cfg.get("run_dir") if hasattr(cfg, "get") else None
-    if not run_dir or not Path(run_dir).is_dir():
-        return
-    entries = list(Path(run_dir).iterdir())
-    if entries and all(e.is_file() and e.suffix == ".log" and e.stat().st_size == 0 for e in entries):
-        for e in entries:
-            e.unlink()
-        Path(run_dir).rmdir()

@@ -39,6 +39,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     from phi4.model.build import build_phi4_model
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
     from phi4.runtime.distributed import init_distributed, shutdown
+    from phi4.runtime.run_dir import RunDirectory
     from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
     from phi4.train.metrics import MetricsWriter
 
@@ -51,13 +52,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     check_eval(cfg.eval, topology.cp, cfg.seed)
     init_distributed(model, topology, precision, seed=cfg.seed)
     run_dir = Path(cfg.run_dir)
-    if torch.distributed.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    torch.distributed.barrier()
-    chunks = build_phi4_model(model, topology, precision)
-    load_model_weights(chunks, checkpoint)
-    evaluator = Evaluator(cfg.eval, chunks, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
+    with RunDirectory(run_dir, torch.distributed.get_rank()) as run_files:  # a failed start leaves run_dir as it was
+        run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        torch.distributed.barrier()
+        chunks = build_phi4_model(model, topology, precision)
+        load_model_weights(chunks, checkpoint)
+        evaluator = Evaluator(cfg.eval, chunks, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
     is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
         and parallel_state.get_data_parallel_rank() == 0
     step = common.get("step")

@@ -65,6 +65,7 @@ def search(cfg: DictConfig) -> int:
     from phi4.posttrain.pts import PTSSettings, load_checker
     from phi4.posttrain.pts_run import merge_parts, run_pts
     from phi4.runtime.distributed import init_distributed, shutdown
+    from phi4.runtime.run_dir import RunDirectory
     from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
     from phi4.train.loop import StopRequest
 
@@ -84,13 +85,11 @@ def search(cfg: DictConfig) -> int:
     stop = StopRequest()
     rank = torch.distributed.get_rank()
     run_dir = Path(cfg.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    problems = _problems(cfg, rank)
-
-    chunks = build_phi4_model(model, topology, precision)
-    load_model_weights(chunks, checkpoint)
+    with RunDirectory(run_dir, rank) as run_files:  # a failed start leaves run_dir as it was
+        run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        problems = _problems(cfg, rank)
+        chunks = build_phi4_model(model, topology, precision)
+        load_model_weights(chunks, checkpoint)
     for chunk in chunks:
         chunk.eval()
     tok = get_tokenizer()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing.util
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from phi4.runtime import signals
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +183,6 @@ def is_active() -> bool:
     return _ACTIVE_MODE is not None
 
 
-def _die_with_parent(_=None) -> None:
-    """In a process forked by multiprocessing from a training process (the checkpoint writer's
-    Manager, ~450 MB): end with the parent, kill -9 included, instead of living on as an orphan
-    (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def activate() -> None:
     """Switch the process to the CPU backend. Idempotent; refuses where CUDA is available."""
     global _ACTIVE_MODE
@@ -247,7 +235,7 @@ def activate() -> None:
     # start that Manager by fork instead (the function caches it for the process).
     from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
-    multiprocessing.util.register_after_fork(_die_with_parent, _die_with_parent)
+    signals.end_children_with_this_process()  # the entry points did already; in-process users too
     get_write_results_queue("fork")
 
     _ACTIVE_MODE = _CudaToCpu()

@@ -242,6 +242,7 @@ def train(cfg: DictConfig) -> int:
     from phi4.model.validate import check_run
     from phi4.runtime.distributed import init_distributed, shutdown
     from phi4.runtime.launch_env import read_launch_env
+    from phi4.runtime.run_dir import RunDirectory
     from phi4.train.checkpoint import (MODEL_CONFIG_KEY, RunCheckpointer, latest_checkpoint, load_model_weights,
                                        resolve_checkpoint, weights_fingerprint)
     from phi4.model.flops import flops_per_token
@@ -266,139 +267,143 @@ def train(cfg: DictConfig) -> int:
     if resume is not None:
         check_resume(cfg, model, resume)
 
-    init_distributed(model, topology, precision, seed=cfg.seed, launch=launch)
-    stop = StopRequest()
-    started = time.monotonic()
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    sources = prepare_sources(cfg.data, t.seq_length, rank, model.vocab_size)
+    # what the start writes (config.yaml, tensorboard/) is removed again if the run fails before a step
+    with RunDirectory(run_dir, launch.rank) as run_files:
+        init_distributed(model, topology, precision, seed=cfg.seed, launch=launch)
+        stop = StopRequest()
+        started = time.monotonic()
+        rank = torch.distributed.get_rank()
+        run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        sources = prepare_sources(cfg.data, t.seq_length, rank, model.vocab_size)
 
-    config = transformer_config(model, topology, precision)
-    chunks = build_phi4_model(model, topology, precision, config=config)
-    ddp = wrap_ddp(chunks, config, t.overlap_grad_reduce, t.overlap_param_gather)
-    o = cfg.optim
-    optimizer = build_optimizer(ddp, config, OptimSettings(
-        lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=steps, wd_incr_style="constant")
-    init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
-    objective = build_objective(cfg, objective_name, model, topology, precision, config)
+        config = transformer_config(model, topology, precision)
+        chunks = build_phi4_model(model, topology, precision, config=config)
+        ddp = wrap_ddp(chunks, config, t.overlap_grad_reduce, t.overlap_param_gather)
+        o = cfg.optim
+        optimizer = build_optimizer(ddp, config, OptimSettings(
+            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad))
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=steps, wd_incr_style="constant")
+        init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
+        objective = build_objective(cfg, objective_name, model, topology, precision, config)
 
-    is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
-        and parallel_state.get_data_parallel_rank() == 0
-    metrics = MetricsWriter(run_dir, is_logger, t.tensorboard)
-    checkpointer = RunCheckpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    layout = dict(tp=topology.tp, pp=topology.pp, vp=topology.vp, cp=topology.cp, dp=dp)
+        is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
+            and parallel_state.get_data_parallel_rank() == 0
+        metrics = MetricsWriter(run_dir, is_logger, t.tensorboard)
+        checkpointer = RunCheckpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        layout = dict(tp=topology.tp, pp=topology.pp, vp=topology.vp, cp=topology.cp, dp=dp)
 
-    step, consumed, skipped, initialized_from = 0, 0, 0, None
-    if resume is not None:
-        state = checkpointer.load(resume, ddp, optimizer, scheduler, layout)
-        step, consumed, skipped = state["step"], state["consumed_samples"], state["skipped_steps"]
-        initialized_from = state.get("initialized_from")
+        step, consumed, skipped, initialized_from = 0, 0, 0, None
+        if resume is not None:
+            state = checkpointer.load(resume, ddp, optimizer, scheduler, layout)
+            step, consumed, skipped = state["step"], state["consumed_samples"], state["skipped_steps"]
+            initialized_from = state.get("initialized_from")
+            if is_logger:
+                log.info(f"resumed from {resume} at step {step} ({consumed} samples consumed; "
+                         f"saved at {state['layout']})")
+        elif cfg.checkpoint.load:
+            load_model_weights(ddp, cfg.checkpoint.load)
+            # What was loaded, as the checkpoint chain's evidence: the stage before saved the same
+            # fingerprint with its final weights.
+            initialized_from = dict(path=str(resolve_checkpoint(cfg.checkpoint.load).resolve()),
+                                    weights_fingerprint=weights_fingerprint(ddp))
+            if is_logger:
+                log.info(f"initialized from {cfg.checkpoint.load} (weights only)")
         if is_logger:
-            log.info(f"resumed from {resume} at step {step} ({consumed} samples consumed; saved at {state['layout']})")
-    elif cfg.checkpoint.load:
-        load_model_weights(ddp, cfg.checkpoint.load)
-        # What was loaded, as the checkpoint chain's evidence: the stage before saved the same
-        # fingerprint with its final weights.
-        initialized_from = dict(path=str(resolve_checkpoint(cfg.checkpoint.load).resolve()),
-                                weights_fingerprint=weights_fingerprint(ddp))
-        if is_logger:
-            log.info(f"initialized from {cfg.checkpoint.load} (weights only)")
-    if is_logger:
-        log.info(model_summary(model, topology, chunks, f"dp={dp} | {steps} steps | run dir {run_dir.resolve()}"))
+            log.info(model_summary(model, topology, chunks, f"dp={dp} | {steps} steps | run dir {run_dir.resolve()}"))
 
-    train_ds, valid_ds = build_train_valid(cfg.data, sources, t.seq_length, steps * t.global_batch_size,
-                                           max(t.eval_samples, 1), cfg.seed)
-    collate = Collate(t.micro_batch_size, "thd" if model.backend == "te" else "mask")
-    dp_rank = parallel_state.get_data_parallel_rank()
-    batches = GlobalBatches(train_ds, t.global_batch_size, dp_rank, dp, consumed)
-    valid = evaluation_samples(valid_ds, t.eval_samples, dp_rank, dp) if t.eval_every else None
-    evaluator = None
-    if generative_every:
-        from phi4.eval.evaluator import Evaluator, publish
+        train_ds, valid_ds = build_train_valid(cfg.data, sources, t.seq_length, steps * t.global_batch_size,
+                                               max(t.eval_samples, 1), cfg.seed)
+        collate = Collate(t.micro_batch_size, "thd" if model.backend == "te" else "mask")
+        dp_rank = parallel_state.get_data_parallel_rank()
+        batches = GlobalBatches(train_ds, t.global_batch_size, dp_rank, dp, consumed)
+        valid = evaluation_samples(valid_ds, t.eval_samples, dp_rank, dp) if t.eval_every else None
+        evaluator = None
+        if generative_every:
+            from phi4.eval.evaluator import Evaluator, publish
 
-        evaluator = Evaluator(cfg.eval, ddp, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
-        if is_logger:
-            log.info(f"{evaluator.describe()}; every {generative_every} steps")
+            evaluator = Evaluator(cfg.eval, ddp, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
+            if is_logger:
+                log.info(f"{evaluator.describe()}; every {generative_every} steps")
 
-    def save(at_step: int, final: bool = False):
-        extra = dict(step=at_step, consumed_samples=batches.consumed, skipped_steps=skipped, layout=layout,
-                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True), initialized_from=initialized_from,
-                     weights_fingerprint=weights_fingerprint(ddp))
-        extra[MODEL_CONFIG_KEY] = dataclasses.asdict(model)
-        return checkpointer.save(at_step, ddp, optimizer, scheduler, extra, final)
+        def save(at_step: int, final: bool = False):
+            extra = dict(step=at_step, consumed_samples=batches.consumed, skipped_steps=skipped, layout=layout,
+                         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), initialized_from=initialized_from,
+                         weights_fingerprint=weights_fingerprint(ddp))
+            extra[MODEL_CONFIG_KEY] = dataclasses.asdict(model)
+            return checkpointer.save(at_step, ddp, optimizer, scheduler, extra, final)
 
-    if step >= steps:
-        if is_logger:
-            log.info(f"nothing to do: {resume} is at step {step} of {steps}")
-        metrics.close()
-        shutdown()
-        return 0
-    flops_token = flops_per_token(model, t.seq_length)
-    tokens_per_step = t.global_batch_size * t.seq_length
-    if objective_name == "dpo":  # a pair is two rows, and the reference's forward adds a third of a step's FLOPs
-        tokens_per_step, flops_token = 2 * tokens_per_step, flops_token * 4 / 3
-    step_log = StepLog(metrics, steps, tokens_per_step, flops_token, launch.world_size,
-                       device_peak_tflops(t.peak_tflops))
-    in_a_row, exit_code = 0, 0
-    while step < steps:
-        micro = collate(batches.next())
-        assert len(micro) == get_num_microbatches()
-        result = objective.train_step(ddp, optimizer, micro)
-        step += 1
-        step_log.window_steps += 1
-        if result["update_successful"]:
-            scheduler.step(increment=1)
-            in_a_row = 0
+        if step >= steps:
+            if is_logger:
+                log.info(f"nothing to do: {resume} is at step {step} of {steps}")
+            metrics.close()
+            shutdown()
+            return 0
+        flops_token = flops_per_token(model, t.seq_length)
+        tokens_per_step = t.global_batch_size * t.seq_length
+        if objective_name == "dpo":  # a pair is two rows, and the reference's forward adds a third of a step's FLOPs
+            tokens_per_step, flops_token = 2 * tokens_per_step, flops_token * 4 / 3
+        step_log = StepLog(metrics, steps, tokens_per_step, flops_token, launch.world_size,
+                           device_peak_tflops(t.peak_tflops))
+        in_a_row, exit_code = 0, 0
+        while step < steps:
+            micro = collate(batches.next())
+            assert len(micro) == get_num_microbatches()
+            result = objective.train_step(ddp, optimizer, micro)
+            step += 1
+            run_files.keep()  # a step has run: from here on a failure leaves the run for its resume
+            step_log.window_steps += 1
+            if result["update_successful"]:
+                scheduler.step(increment=1)
+                in_a_row = 0
+            else:
+                skipped += 1
+                in_a_row += 1
+                if is_logger:
+                    log.warning(f"step {step}: non-finite gradient norm ({result['grad_norm']}); update skipped")
+                if in_a_row >= t.max_nonfinite_in_a_row:
+                    raise TrainingStopped(
+                        f"{in_a_row} steps in a row had a non-finite loss or gradient norm "
+                        f"(train.max_nonfinite_in_a_row="
+                        f"{t.max_nonfinite_in_a_row}); stopping at step {step}. Lower optim.lr or check the data; "
+                        f"the last checkpoint is {latest_checkpoint(run_dir)}")
+            checkpointer.poll()
+
+            if step % t.log_every == 0 or step == steps:
+                step_log.write(step, result, optimizer.param_groups[0]["lr"], skipped, objective.describe)
+            if valid and t.eval_every and (step % t.eval_every == 0 or step == steps):
+                val = objective.evaluate(ddp, collate(valid))
+                if is_logger:
+                    extra = objective.describe(val)
+                    extra = f" | {extra}" if extra else ""
+                    metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
+                                  f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{extra}")
+            if evaluator and (step % generative_every == 0 or step == steps):
+                report = evaluator.run()
+                if is_logger:
+                    publish(report, step, metrics, run_dir / "generations" / f"step_{step:07d}.jsonl",
+                            f"step {step:>6}/{steps} | ")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                save(step)
+            out_of_time = t.max_wall_minutes is not None and time.monotonic() - started > 60 * t.max_wall_minutes
+            interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < steps
+            if stop.agreed(out_of_time) or interval:
+                reason = stop.signal or (f"train.max_wall_minutes={t.max_wall_minutes}" if out_of_time
+                                         else f"train.exit_interval={t.exit_interval}")
+                directory = save(step)
+                checkpointer.wait()
+                if is_logger:
+                    log.info(f"stopping at step {step} ({reason}); saved {directory}; exit {EXIT_RESUMABLE} to resume")
+                exit_code = EXIT_RESUMABLE
+                break
         else:
-            skipped += 1
-            in_a_row += 1
-            if is_logger:
-                log.warning(f"step {step}: non-finite gradient norm ({result['grad_norm']}); update skipped")
-            if in_a_row >= t.max_nonfinite_in_a_row:
-                raise TrainingStopped(
-                    f"{in_a_row} steps in a row had a non-finite loss or gradient norm (train.max_nonfinite_in_a_row="
-                    f"{t.max_nonfinite_in_a_row}); stopping at step {step}. Lower optim.lr or check the data; "
-                    f"the last checkpoint is {latest_checkpoint(run_dir)}")
-        checkpointer.poll()
-
-        if step % t.log_every == 0 or step == steps:
-            step_log.write(step, result, optimizer.param_groups[0]["lr"], skipped, objective.describe)
-        if valid and t.eval_every and (step % t.eval_every == 0 or step == steps):
-            val = objective.evaluate(ddp, collate(valid))
-            if is_logger:
-                extra = objective.describe(val)
-                metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
-                              f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{' | ' + extra if extra else ''}")
-        if evaluator and (step % generative_every == 0 or step == steps):
-            report = evaluator.run()
-            if is_logger:
-                publish(report, step, metrics, run_dir / "generations" / f"step_{step:07d}.jsonl",
-                        f"step {step:>6}/{steps} | ")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-            save(step)
-        out_of_time = t.max_wall_minutes is not None and time.monotonic() - started > 60 * t.max_wall_minutes
-        interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < steps
-        if stop.agreed(out_of_time) or interval:
-            reason = stop.signal or (f"train.max_wall_minutes={t.max_wall_minutes}" if out_of_time
-                                     else f"train.exit_interval={t.exit_interval}")
-            directory = save(step)
+            directory = save(step, final=True)
             checkpointer.wait()
             if is_logger:
-                log.info(f"stopping at step {step} ({reason}); saved {directory}; exit {EXIT_RESUMABLE} to resume")
-            exit_code = EXIT_RESUMABLE
-            break
-    else:
-        directory = save(step, final=True)
-        checkpointer.wait()
-        if is_logger:
-            log.info(f"done: {steps} steps, final checkpoint {directory}; run dir {run_dir.resolve()}")
-    metrics.close()
-    shutdown()
-    return exit_code
+                log.info(f"done: {steps} steps, final checkpoint {directory}; run dir {run_dir.resolve()}")
+        metrics.close()
+        shutdown()
+        return exit_code
