@@ -36,9 +36,9 @@ from phi4.model.hf_weights import hf_shapes  # noqa: E402
 
 
 def phi4_model(layers: int) -> ModelConfig:
-    from omegaconf import OmegaConf
+    from phi4.settings import load_group
 
-    values = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/phi4_14b.yaml"))
+    values = load_group("model", ROOT / "conf/model/phi4_14b.yaml")
     return dataclasses.replace(ModelConfig.from_dict(values), num_layers=layers)
 
 

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import phi4.settings  # noqa: F401  registers the config schemas that conf/ composes onto
+
 # The tests' own helpers (multirank, helpers) import as top-level modules in every rank process.
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from phi4.settings import load_group
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.hf_weights import hf_shapes
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(**overrides) -> ModelConfig:
-    values = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/phi4_tiny.yaml"))
+    values = load_group("model", ROOT / "conf/model/phi4_tiny.yaml")
     values.update(overrides)
     return ModelConfig.from_dict(values)
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from phi4.settings import load_group
 
 from helpers import ROOT, tiny_model
 from phi4.errors import ConfigError
@@ -12,11 +12,11 @@ from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 
 
 def load_model(name: str) -> ModelConfig:
-    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/model/{name}.yaml")))
+    return ModelConfig.from_dict(load_group("model", ROOT / f"conf/model/{name}.yaml"))
 
 
 def load_precision(name: str) -> PrecisionConfig:
-    return PrecisionConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/precision/{name}.yaml")))
+    return PrecisionConfig.from_dict(load_group("precision", ROOT / f"conf/precision/{name}.yaml"))
 
 
 def test_phi4_14b_is_the_model_card():

@@ -17,6 +17,7 @@ from phi4.eval.checkers import load_checker, number_checker, string_checker
 from phi4.eval.run import EvalSettings, evaluate, write_generations
 from phi4.eval.score import Z95, pass_at_k, wilson_interval
 from phi4.eval.tasks import load_items
+from phi4.settings import load_group
 
 
 def test_number_checker():
@@ -247,7 +248,7 @@ def test_context_parallel_and_empty_tasks_are_refused():
 
     from helpers import ROOT
 
-    ev = OmegaConf.load(ROOT / "conf/eval/default.yaml")
+    ev = OmegaConf.create(load_group("eval", ROOT / "conf/eval/default.yaml"))
     with pytest.raises(ConfigError, match="eval.tasks is empty and eval.synthetic is null"):
         check_eval(ev, cp=1)
     ev.tasks = ["no/such/bench.jsonl"]

@@ -10,7 +10,7 @@ import importlib.util
 import itertools
 
 import pytest
-from omegaconf import OmegaConf
+from phi4.settings import load_group
 
 from helpers import ROOT, tiny_model
 from multirank import run_ranks
@@ -28,7 +28,7 @@ FP8_GRID = [
 
 
 def shipped_precisions() -> dict:
-    return {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted((ROOT / "conf/precision").glob("*.yaml"))}
+    return {p.stem: load_group("precision", p) for p in sorted((ROOT / "conf/precision").glob("*.yaml"))}
 
 
 def outcome(precision: PrecisionConfig, topology: TopologyConfig):

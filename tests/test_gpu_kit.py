@@ -121,11 +121,10 @@ def test_throughput_script_at_a_tiny_shape_on_the_cpu(tmp_path):
     the step time, model TFLOP/s from phi4's FLOP count, MFU against the hardware file's bf16 peak,
     and phi4-plan's estimate for the same shape."""
     sys.path.insert(0, str(ROOT / "src"))
-    from omegaconf import OmegaConf
-
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
     from phi4.model.flops import flops_per_token
     from phi4.plan.estimate import estimate
+    from phi4.settings import load_group
     from phi4.plan.hardware import HardwareConfig
     from phi4.plan.spec import PlanSpec
 
@@ -138,10 +137,10 @@ def test_throughput_script_at_a_tiny_shape_on_the_cpu(tmp_path):
     assert (r["layers"], r["seq"], r["micro_batch_size"], r["micro_batches"]) == (2, 64, 2, 2)
     tokens_per_step = 64 * 2 * 2
     assert r["tokens_per_s"] == pytest.approx(tokens_per_step / r["step_s"], rel=1e-9)
-    model = ModelConfig.from_dict({**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/phi4_tiny.yaml")),
+    model = ModelConfig.from_dict({**load_group("model", ROOT / "conf/model/phi4_tiny.yaml"),
                                    "num_layers": 2})
     assert r["model_tflops"] == pytest.approx(flops_per_token(model, 64) * r["tokens_per_s"] / 1e12, rel=1e-9)
-    hardware = HardwareConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/hardware/cpu.yaml")))
+    hardware = HardwareConfig.from_dict(load_group("hardware", ROOT / "conf/hardware/cpu.yaml"))
     assert r["mfu"] == pytest.approx(r["model_tflops"] / hardware.peak_tflops_bf16, rel=1e-9)
     plan = estimate(PlanSpec(model, TopologyConfig(), PrecisionConfig(dtype="fp32"), 1, 64, 2, 4), hardware)
     assert r["plan_tokens_per_s"] == pytest.approx(plan["tokens_per_s_per_gpu"], rel=1e-9)

@@ -217,7 +217,9 @@ def test_text_report(capsys):
     (["hardware=a100"], "invalid override"),
     (["hardware.matmul_efficiency=1.5"], "hardware.matmul_efficiency=1.5"),
     (["--searhc"], "unknown option(s) --searhc"),
-    (["plan.gpus=0"], "plan.gpus=0; valid: a whole number of devices, at least 1"),
+    (["plan.gpus=0"], "plan.gpus=0; valid: a whole number at least 1 (devices; or null"),
+    (["plan.gpus=abc"], "plan.gpus=abc; Value 'abc' of type 'str' could not be converted to Integer"),
+    (["plan.mfu=2"], "plan.mfu=2.0; valid: a number above 0 and at most 1"),
     (["plan.gpus=-8"], "plan.gpus=-8; valid"),
 ])
 def test_bad_input_is_one_clear_error(capsys, args, message):
@@ -253,7 +255,7 @@ def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
     from phi4.model.config import FP8Config
     from phi4.plan.estimate import estimate
     from phi4.plan.hardware import HardwareConfig
-    from omegaconf import OmegaConf
+    from phi4.settings import load_group
 
     model = tiny_model(num_layers=8, backend="te")
     layout = TopologyConfig(pp=2, vp=2)  # rank 0: layers 0, 1, 4, 5; rank 1: 2, 3, 6, 7
@@ -268,6 +270,6 @@ def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
     assert [memory.fp8_layers(spec(every), r) for r in (0, 1)] == [(4, 4), (4, 4)]
     assert memory.fp8_layers(spec(None), 0) == (4, 0)
     assert memory.fp8_extra_bytes(spec(keep), 1) * 2 == memory.fp8_extra_bytes(spec(every), 1)
-    hw = HardwareConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/hardware/h100_80gb.yaml")))
+    hw = HardwareConfig.from_dict(load_group("hardware", ROOT / "conf/hardware/h100_80gb.yaml"))
     bf16, all_fp8, mixed = (estimate(spec(p), hw)["compute_s"] for p in (None, every, keep))
     assert all_fp8 < mixed < bf16

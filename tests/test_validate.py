@@ -4,14 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from phi4.settings import load_group
 
 from helpers import FP32, ROOT, tiny_model
 from phi4.errors import ConfigError
 from phi4.model.config import FP8Config, ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.validate import check_run, valid_tp_sizes
 
-PHI4 = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/phi4_14b.yaml")))
+PHI4 = ModelConfig.from_dict(load_group("model", ROOT / "conf/model/phi4_14b.yaml"))
 BF16 = PrecisionConfig(dtype="bf16")
 
 

@@ -34,9 +34,9 @@ SHAPES = {  # (model file, sequence, micro-batch size, micro-batches per step)
 
 
 def load_yaml(group: str, name: str) -> dict:
-    from omegaconf import OmegaConf
+    from phi4.settings import load_group
 
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml"))
+    return load_group(group, ROOT / "conf" / group / f"{name}.yaml")
 
 
 def settings(args):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import sys
 import warnings
 
 
@@ -36,3 +39,44 @@ def run_job(job, cfg, log: logging.Logger, errors: dict) -> None:
     if code:
         sys.exit(code)
 
+
+
+def config_error_line(err: Exception) -> str:
+    """Hydra's refusal of a composition in one line: an override that does not parse, a group
+    option that does not exist (with the options there are), a key that is not a setting (with the
+    settings there are), a value of the wrong type (with the type it needs)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    message = str(err).split("\nConfig search path")[0]
+    head, _, options = message.partition("\nAvailable options in")
+    parts = [line.strip().removeprefix("Error merging override ").rstrip(".") for line in head.splitlines()
+             if line.strip() and not line.strip().startswith("To append")]
+    if options:
+        group, _, listed = options.partition(":")
+        parts.append(f"available in{group}: " + ", ".join(o.strip() for o in listed.split() if o.strip()))
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        parts.append(str(cause).splitlines()[0])
+        schema = getattr(cause, "object_type", None)
+        if "not in" in parts[-1] and schema is not None and hasattr(schema, "__dataclass_fields__"):
+            parts.append("valid: " + ", ".join(schema.__dataclass_fields__))
+    return "; ".join(parts)
+
+
+def one_line_config_errors(hydra_main):
+    """An entry point made by `@hydra.main`, with Hydra's composition errors (see
+    `config_error_line`) as one line and exit code 2, like every other refused setting."""
+    from hydra.errors import HydraException
+
+    @functools.wraps(hydra_main)
+    def main():
+        # Hydra raises its errors instead of printing them (several lines, exit 1); errors of the
+        # job itself are run_job's, and an unexpected one keeps its whole traceback.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            return hydra_main()
+        except HydraException as err:
+            print(f"error: {config_error_line(err)}", file=sys.stderr)
+            sys.exit(2)
+
+    return main

@@ -27,9 +27,8 @@ DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 def _load_model_config(spec: str | None):
     if spec is None:
         return None
-    from omegaconf import OmegaConf
-
     from phi4.model.config import ModelConfig
+    from phi4.settings import load_group
 
     path = Path(spec)
     if not path.exists():
@@ -37,7 +36,7 @@ def _load_model_config(spec: str | None):
     if not path.exists():
         names = ", ".join(sorted(p.stem for p in CONF_MODEL_DIR.glob("*.yaml")))
         raise ConfigError(f"--model {spec}: neither a yaml file nor a model in conf/model ({names})")
-    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    return ModelConfig.from_dict(load_group("model", path))
 
 
 def _size(text: str) -> int:

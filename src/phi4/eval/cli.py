@@ -23,8 +23,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
 from phi4.errors import ConfigError
-from phi4.logs import run_job
+from phi4.logs import one_line_config_errors, run_job
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 log = logging.getLogger("phi4.eval")
@@ -49,6 +50,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
     topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
     precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
+    phi4.settings.check_ranges(cfg, ("eval",))
     check_eval(cfg.eval, topology.cp, cfg.seed)
     init_distributed(model, topology, precision, seed=cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -84,6 +86,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     return 0
 
 
+@one_line_config_errors
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_job(evaluate_checkpoint, cfg, log, {ConfigError: 2})

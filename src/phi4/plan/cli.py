@@ -29,23 +29,16 @@ def compose(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    import phi4.settings  # noqa: F401  registers the config schemas
+    from phi4.logs import config_error_line
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose("plan", overrides=overrides)
+        phi4.settings.check_ranges(cfg, ("plan",))
         return OmegaConf.to_container(cfg, resolve=False)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(f"invalid override: {_one_line(str(error))}") from error
-
-
-def _one_line(message: str) -> str:
-    """Hydra's multi-line messages in one line: the options it lists, not its search path."""
-    message = message.split("\nConfig search path")[0]
-    head, _, options = message.partition("\nAvailable options in")
-    parts = [line.strip() for line in head.splitlines() if line.strip()]
-    if options:
-        group, _, listed = options.partition(":")
-        parts.append(f"available in{group}: " + ", ".join(o.strip() for o in listed.split() if o.strip()))
-    return "; ".join(parts)
+        raise ConfigError(f"invalid override: {config_error_line(error)}") from error
 
 
 def _gb(value: float) -> str:

@@ -21,8 +21,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
 from phi4.errors import ConfigError
-from phi4.logs import run_job
+from phi4.logs import one_line_config_errors, run_job
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 log = logging.getLogger("phi4.pts")
@@ -36,6 +37,7 @@ def _problems(cfg: DictConfig, rank: int) -> list[dict]:
     from phi4.data.jsonl import checked_records
     from phi4.data.synth import write_synthetic_jsonl
 
+    phi4.settings.check_ranges(cfg, ("pts",))
     p = cfg.pts
     path = Path(p.problems) if p.problems else Path(cfg.run_dir) / "problems.jsonl"
     if not p.problems and rank == 0 and not path.exists():
@@ -134,6 +136,7 @@ def search(cfg: DictConfig) -> int:
     return 0
 
 
+@one_line_config_errors
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="pts")
 def main(cfg: DictConfig) -> None:
     run_job(search, cfg, log, {ConfigError: 2})

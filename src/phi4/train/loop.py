@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.settings import check_ranges
 
 log = logging.getLogger("phi4.train")
 
@@ -110,47 +111,13 @@ def check_resume(cfg: DictConfig, model: ModelConfig, checkpoint: Path) -> None:
                           "or keep the run's settings")
 
 
-# (setting, kind, lower bound, upper bound or None, what it means): the numbers of the loop's
-# groups, checked for type and range before anything else reads them.
-_NUMBERS = [
-    ("train.steps", int, 1, None, "optimizer steps; or null to derive them from train.token_budget"),
-    ("train.token_budget", float, 1, None, "tokens to train on (used when train.steps is null)"),
-    ("train.seq_length", int, 1, None, "tokens per sample"),
-    ("train.micro_batch_size", int, 1, None, "samples per micro-batch"),
-    ("train.global_batch_size", int, 1, None, "samples per optimizer step"),
-    ("train.log_every", int, 1, None, "steps between training lines"),
-    ("train.eval_every", int, 0, None, "steps between validation losses; 0 never"),
-    ("train.eval_samples", int, 0, None, "validation samples"),
-    ("train.max_nonfinite_in_a_row", int, 1, None, "skipped steps in a row before the run stops"),
-    ("optim.lr", float, 0, None, "the peak learning rate, above 0"),
-    ("optim.min_lr", float, 0, None, "the final learning rate"),
-    ("optim.warmup_steps", int, 0, None, "warm-up steps"),
-    ("optim.weight_decay", float, 0, None, "decoupled weight decay"),
-    ("optim.adam_beta1", float, 0, 1, "Adam's first-moment decay, below 1"),
-    ("optim.adam_beta2", float, 0, 1, "Adam's second-moment decay, below 1"),
-    ("optim.adam_eps", float, 0, None, "Adam's epsilon, above 0"),
-    ("optim.clip_grad", float, 0, None, "the gradient norm clip; 0 off"),
-    ("checkpoint.every", int, 0, None, "steps between checkpoints; 0 saves only at the end"),
-    ("checkpoint.keep", int, 1, None, "the newest checkpoints kept; the one just written is always kept"),
-]
-_ABOVE_ZERO = {"optim.lr", "optim.adam_eps"}
-
-
 def check_numbers(cfg: DictConfig) -> None:
-    """Each number of the loop's settings has the right type and range; a typo is one line."""
-    for name, kind, least, most, meaning in _NUMBERS:
-        value = OmegaConf.select(cfg, name, default=None)
-        if value is None and name in ("train.steps", "train.token_budget"):
-            continue
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        ok = whole or (kind is float and isinstance(value, float) and math.isfinite(value))
-        if ok:
-            ok = (value > least if name in _ABOVE_ZERO else value >= least) and (most is None or value < most)
-        if not ok:
-            bound = f"above {least}" if name in _ABOVE_ZERO else f"at least {least}"
-            bounds = f"{bound}{f' and below {most}' if most is not None else ''}"
-            raise ConfigError(f"{name}={value!r}; valid: {'a whole number' if kind is int else 'a number'} "
-                              f"{bounds} ({meaning})")
+    """The loop's groups: each number within the range declared beside its field (phi4.settings),
+    no key that is not a setting; and the seed. A typo is one line."""
+    check_ranges(cfg, ("train", "optim", "checkpoint", "data", "dpo", "eval"))
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r}; valid: a whole number at least 0")
 
 
 class StopRequest:
@@ -224,8 +191,6 @@ def generative_eval_every(cfg: DictConfig, cp: int) -> int:
         return 0
     from phi4.eval.evaluator import check_eval
 
-    if ev.every < 0:
-        raise ConfigError(f"eval.every={ev.every} must be 0 (never) or a number of steps")
     check_eval(ev, cp, cfg.seed)
     return int(ev.every)
 

@@ -16,13 +16,15 @@ signals.install()  # first: a stop signal during the slow imports below must not
 import hydra
 from omegaconf import DictConfig
 
+import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
 from phi4.errors import ConfigError
-from phi4.logs import run_job
+from phi4.logs import one_line_config_errors, run_job
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 log = logging.getLogger("phi4.train")
 
 
+@one_line_config_errors
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     from phi4.train.loop import TrainingStopped, train

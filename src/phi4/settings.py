@@ -1,0 +1,243 @@
+"""Typed settings of every config group, registered with Hydra's ConfigStore as schemas.
+
+Each group's YAML files start their defaults list with `/schema@_here_: <group>` (and the primary
+configs place `train`, `checkpoint`, `pts`, `plan`, `stage`, the dpo stages `dpo`, the same way),
+so Hydra composes every group onto one of these dataclasses: a value of the wrong type
+(`train.steps=abc`, `optim.lr=x`, `train.micro_batch_size=2.5`) or a key that is not a field
+(`train.stepz=3`, even with `+`) is refused at composition, before any of our code runs; the entry
+points print the refusal as one line with exit code 2 (`phi4.logs.one_line_config_errors`).
+
+Ranges live beside the fields (`number(...)`) and `check_ranges` runs them, once, before any
+process group: one line naming the setting, its value and what would be valid. The model,
+topology, precision and hardware schemas are the unfrozen twins of the frozen dataclasses the code
+builds from (`phi4.model.config`, `phi4.plan.hardware`), so a field is declared once.
+
+`register()` runs at import: every entry point, and anything that composes these configs
+(tests, phi4-plan), imports this module first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from phi4.errors import ConfigError
+from phi4.model.config import FP8Config, ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.plan.hardware import HardwareConfig
+
+
+def number(default: Any = MISSING, least: float = 0, most: Optional[float] = None, above: bool = False,
+           at_most: Optional[float] = None, meaning: str = ""):
+    """A numeric field with its valid range: at least `least` (above it with `above`), and below
+    `most` or at most `at_most`."""
+    return field(default=default, metadata=dict(least=least, most=most, above=above, at_most=at_most,
+                                                meaning=meaning))
+
+
+@dataclass
+class Train:
+    objective: str = MISSING  # lm | dpo
+    steps: Optional[int] = number(least=1, meaning="optimizer steps; or null to derive them from train.token_budget")
+    token_budget: Optional[float] = number(least=1, meaning="tokens to train on (used when train.steps is null)")
+    seq_length: int = number(least=1, meaning="tokens per sample")
+    micro_batch_size: int = number(least=1, meaning="samples per micro-batch")
+    global_batch_size: int = number(least=1, meaning="samples per optimizer step")
+    log_every: int = number(least=1, meaning="steps between training lines")
+    eval_every: int = number(least=0, meaning="steps between validation losses; 0 never")
+    eval_samples: int = number(least=0, meaning="validation samples")
+    max_wall_minutes: Optional[float] = number(least=0, above=True, meaning="minutes before a resumable stop")
+    exit_interval: Optional[int] = number(least=1, meaning="steps between resumable stops")
+    max_nonfinite_in_a_row: int = number(least=1, meaning="skipped steps in a row before the run stops")
+    overlap_grad_reduce: bool = MISSING
+    overlap_param_gather: bool = MISSING
+    peak_tflops: Optional[float] = number(least=0, above=True, meaning="the device's dense peak, for MFU")
+    tensorboard: bool = MISSING
+
+
+@dataclass
+class Optim:
+    lr: float = number(least=0, above=True, meaning="the peak learning rate")
+    min_lr: float = number(least=0, meaning="the final learning rate")
+    warmup_steps: int = number(least=0, meaning="warm-up steps")
+    decay_style: str = MISSING  # linear | cosine | constant
+    weight_decay: float = number(least=0, meaning="decoupled weight decay")
+    adam_beta1: float = number(least=0, most=1, meaning="Adam's first-moment decay")
+    adam_beta2: float = number(least=0, most=1, meaning="Adam's second-moment decay")
+    adam_eps: float = number(least=0, above=True, meaning="Adam's epsilon")
+    clip_grad: float = number(least=0, meaning="the gradient norm clip; 0 off")
+
+
+@dataclass
+class Checkpoint:
+    every: int = number(least=0, meaning="steps between checkpoints; 0 saves only at the end")
+    keep: int = number(least=1, meaning="the newest checkpoints kept; the one just written is always kept")
+    async_save: bool = MISSING
+    load: Optional[str] = None
+    allow_new_batch_shape: bool = False
+
+
+@dataclass
+class Source:
+    name: str = MISSING
+    path: str = MISSING
+    weight: float = number(least=0, above=True, meaning="the source's share of the blend")
+    generate: Optional[Dict[str, Any]] = None  # the bundled synthetic corpora: made when missing
+
+
+@dataclass
+class Data:
+    format: str = MISSING  # gpt | packed_chat | preference
+    cache_dir: str = MISSING
+    root: Optional[str] = None
+    synthetic: Optional[Dict[str, Any]] = None
+    pairs: Optional[str] = MISSING  # the preference JSONL (data=preference); a `???` merged onto None would not stick
+    sources: List[Source] = field(default_factory=list)
+    split: str = MISSING
+
+
+@dataclass
+class Dpo:
+    beta: float = number(least=0, above=True, meaning="the DPO temperature")
+    reference: Optional[str] = None
+
+
+@dataclass
+class Eval:
+    every: int = number(least=0, meaning="steps between generative evaluations; 0 never")
+    tasks: List[str] = field(default_factory=list)
+    synthetic: Optional[Dict[str, Any]] = None
+    template: str = MISSING
+    checker: str = MISSING
+    samples: int = number(least=1, meaning="completions per problem")
+    pass_at: List[int] = field(default_factory=lambda: [1])
+    temperature: float = number(least=0, meaning="sampling temperature; 0 greedy")
+    top_p: float = number(least=0, above=True, at_most=1, meaning="nucleus sampling's probability mass")
+    max_new_tokens: int = number(least=1, meaning="tokens generated per answer")
+    batch_size: int = number(least=1, meaning="problems per decoding batch")
+    stop: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Pts:
+    checkpoint: str = MISSING
+    problems: Optional[str] = None
+    generate: Optional[Dict[str, Any]] = None
+    checker: str = MISSING
+    samples: int = number(least=1, meaning="completions per success estimate")
+    p_gap: float = number(least=0, above=True, at_most=1, meaning="the least move of p(success) at a pivotal token")
+    p_min: float = number(least=0, at_most=1, meaning="the least p(success) of a kept query")
+    p_max: float = number(least=0, at_most=1, meaning="the largest p(success) of a kept query")
+    max_new_tokens: int = number(least=1, meaning="tokens generated per completion")
+    temperature: float = number(least=0, meaning="sampling temperature")
+    top_p: float = number(least=0, above=True, at_most=1, meaning="nucleus sampling's probability mass")
+    output: str = MISSING
+
+
+@dataclass
+class Plan:
+    gpus: Optional[int] = number(least=1, meaning="devices; or null: topology.nodes x topology.gpus_per_node")
+    mfu: Optional[float] = number(least=0, above=True, at_most=1, meaning="an achieved model FLOPs utilisation")
+    memory_margin: float = number(least=0, most=1, meaning="the share of usable memory kept free")
+    top: int = number(least=1, meaning="layouts printed by --search")
+    show_rejected: bool = False
+    micro_batch_sizes: List[int] = field(default_factory=lambda: [1])
+    recompute: List[str] = field(default_factory=lambda: ["none"])
+
+
+@dataclass
+class Stage:
+    name: str = MISSING
+
+
+def _unfrozen(cls: type, **nested: type) -> type:
+    """A mutable twin of a frozen settings dataclass (Hydra merges overrides into its nodes), with
+    the same fields, types and defaults; `nested` swaps a field's dataclass for its twin."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        kind = Optional[nested[f.name]] if f.name in nested else hints[f.name]
+        default = None if f.name in nested else (f.default if f.default is not dataclasses.MISSING else MISSING)
+        fields.append((f.name, kind, field(default=default)))
+    return dataclasses.make_dataclass(cls.__name__, fields, namespace={"__module__": __name__})
+
+
+FP8 = _unfrozen(FP8Config)
+SCHEMAS: dict[str, type] = {
+    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "dpo": Dpo, "eval": Eval,
+    "pts": Pts, "plan": Plan, "stage": Stage,
+    "model": _unfrozen(ModelConfig), "topology": _unfrozen(TopologyConfig),
+    "precision": _unfrozen(PrecisionConfig, fp8=FP8), "hardware": _unfrozen(HardwareConfig),
+}
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(group="schema", name=name, node=schema)
+
+
+def load_group(group: str, path) -> dict:
+    """One group's YAML file read alone, without Hydra (a `--model` file, a benchmark's shapes):
+    its `defaults` list dropped, its values typed by the group's schema; a key that is not a
+    setting, a value of the wrong type or a required one missing is one ConfigError naming the file."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        values = OmegaConf.load(path)
+        if "defaults" in values:
+            del values["defaults"]
+        typed = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), values)
+        return OmegaConf.to_container(typed, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}{f' ({group}.{key})' if key else ''}") from err
+
+
+def check_ranges(cfg: DictConfig, groups: tuple[str, ...]) -> None:
+    """Each number of these groups within its field's range, and no key that is not a field (one
+    appended with `+`); each refusal is one line naming the setting, its value and what would be
+    valid (types were checked at composition)."""
+    for group in groups:
+        node = cfg.get(group)
+        if node is None:
+            continue
+        fields = [f.name for f in dataclasses.fields(SCHEMAS[group])]
+        extra = [key for key in node if key not in fields]
+        if extra:
+            raise ConfigError(f"{group}.{extra[0]} is not a setting; valid: {', '.join(fields)}")
+        for f in dataclasses.fields(SCHEMAS[group]):
+            if "least" not in f.metadata:
+                continue
+            value = OmegaConf.select(node, f.name, default=None)
+            if value is None or OmegaConf.is_missing(node, f.name):
+                continue
+            _check_number(f"{group}.{f.name}", value, f, typing.get_type_hints(SCHEMAS[group])[f.name])
+        if group == "data":
+            for i, source in enumerate(node.get("sources") or []):
+                weight = dataclasses.fields(Source)[2]
+                _check_number(f"data.sources[{i}].weight", source.weight, weight, float)
+
+
+def _check_number(name: str, value, f: dataclasses.Field, kind) -> None:
+    least, most, above, at_most = (f.metadata[k] for k in ("least", "most", "above", "at_most"))
+    whole = kind is int or int in typing.get_args(kind)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > least if above else value >= least) and (most is None or value < most) \
+            and (at_most is None or value <= at_most)
+    if not ok:
+        bounds = f"above {least}" if above else f"at least {least}"
+        bounds += f" and below {most}" if most is not None else ""
+        bounds += f" and at most {at_most}" if at_most is not None else ""
+        raise ConfigError(f"{name}={value!r}; valid: {'a whole number' if whole else 'a number'} {bounds} "
+                          f"({f.metadata['meaning']})")
+
+
+register()
