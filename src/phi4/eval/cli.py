@@ -44,13 +44,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
     from phi4.train.metrics import MetricsWriter
 
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    phi4.settings.check_ranges(cfg, ("eval",))
+    checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint")
     common = checkpoint_common_state(checkpoint)
     model = ModelConfig.from_dict(common[MODEL_CONFIG_KEY])
     # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
     topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
     precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
-    phi4.settings.check_ranges(cfg, ("eval",))
     check_eval(cfg.eval, topology.cp, cfg.seed)
     init_distributed(model, topology, precision, seed=cfg.seed)
     run_dir = Path(cfg.run_dir)

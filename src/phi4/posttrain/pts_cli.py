@@ -72,7 +72,7 @@ def search(cfg: DictConfig) -> int:
     from phi4.train.loop import StopRequest
 
     p = cfg.pts
-    checkpoint = resolve_checkpoint(p.checkpoint)
+    checkpoint = resolve_checkpoint(p.checkpoint, "pts.checkpoint")
     model = ModelConfig.from_dict(checkpoint_common_state(checkpoint)[MODEL_CONFIG_KEY])
     # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
     topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))

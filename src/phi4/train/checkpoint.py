@@ -70,9 +70,15 @@ def _require_checkpoint(directory: Path) -> None:
     check_checkpoint(directory)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, setting: str = "") -> Path:
     """A checkpoint directory, or a run directory: then its final checkpoint (a stage starts
-    from the previous stage's run directory, whose final checkpoint exists only once it ends)."""
+    from the previous stage's run directory, whose final checkpoint exists only once it ends).
+    With `setting`, a refusal names it first (`checkpoint.load=PATH: ...`)."""
+    if setting:
+        try:
+            return resolve_checkpoint(path)
+        except ConfigError as err:
+            raise ConfigError(f"{setting}={path}: {err}") from err
     path = Path(path)
     pointer = path / "checkpoints" / FINAL
     if (path / "checkpoints").is_dir():

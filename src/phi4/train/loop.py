@@ -184,6 +184,22 @@ def build_objective(cfg: DictConfig, objective: str, model, topology, precision,
     return DirectPreference(reference, float(cfg.dpo.beta))
 
 
+def check_start_points(cfg: DictConfig, resume, objective: str) -> None:
+    """The checkpoints this run will read weights from exist and are whole, checked before any
+    process group: checkpoint.load when not resuming, and DPO's reference (dpo.reference, else
+    checkpoint.load) always."""
+    from phi4.train.checkpoint import resolve_checkpoint
+
+    used = []
+    if cfg.checkpoint.load and resume is None:
+        used.append(("checkpoint.load", cfg.checkpoint.load))
+    if objective == "dpo":
+        used.append(("dpo.reference", cfg.dpo.reference) if cfg.dpo.reference
+                    else ("checkpoint.load", cfg.checkpoint.load))
+    for setting, path in dict(used).items():
+        resolve_checkpoint(path, setting)
+
+
 def generative_eval_every(cfg: DictConfig, cp: int) -> int:
     """eval.every, its settings checked (0: no generative evaluation)."""
     ev = cfg.get("eval")
@@ -231,6 +247,7 @@ def train(cfg: DictConfig) -> int:
     resume = latest_checkpoint(run_dir)
     if resume is not None:
         check_resume(cfg, model, resume)
+    check_start_points(cfg, resume, objective_name)
 
     # what the start writes (config.yaml, tensorboard/) is removed again if the run fails before a step
     with RunDirectory(run_dir, launch.rank) as run_files:
