@@ -34,8 +34,8 @@ def small(cache, *extra):
             f"data.cache_dir={cache}", "optim.warmup_steps=2", *extra]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+def _env(threads: int = 1):
+    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
 def train(run_dir, *overrides, env=None, procs=1):
@@ -48,7 +48,8 @@ def train(run_dir, *overrides, env=None, procs=1):
     log = Path(run_dir).parent / f".{Path(run_dir).name}.{time.monotonic_ns()}.log"
     with log.open("w+") as out:
         proc = subprocess.Popen([*cmd, f"run_dir={run_dir}", *overrides], stdout=out, stderr=subprocess.STDOUT,
-                                text=True, cwd=ROOT, env=env or _env(), start_new_session=True)
+                                text=True, cwd=ROOT, env=env or _env(max(1, (os.cpu_count() or 1) // procs)),
+                                start_new_session=True)
         try:
             code = proc.wait(timeout=600)
         finally:

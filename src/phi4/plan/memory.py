@@ -273,9 +273,17 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
     stored = flight * per_chunk
 
     # The peak is the largest of these moments, each stored activations plus a working set:
-    # a layer's backward: gradients of the MLP's activations and FC1's weight gradient (computed
-    # whole, then added into the fp32 gradient buffer), with every in-flight micro-batch stored;
-    layer = T * e * (3 * f / tp + 2 * h / d) + 2 * f // tp * h * e
+    # a layer's backward, with every in-flight micro-batch stored: the MLP's (gradients of its
+    # activations and FC1's weight gradient, computed whole, then added into the fp32 gradient
+    # buffer), or the local backend's core attention's (the softmax's gradient, as large as its
+    # probabilities; under selective recomputation the recomputed probabilities too);
+    mlp_backward = T * e * (3 * f / tp + 2 * h / d) + 2 * f // tp * h * e
+    attention_backward = 0.0
+    if m.backend == "local":
+        heads, s = m.num_attention_heads // tp, spec.seq_length // t.cp
+        probs = spec.micro_batch_size * heads * s * s * (4 + (e if e != 4 else 0))
+        attention_backward = probs * (2 if t.recompute == "selective" else 1)
+    layer = max(mlp_backward, attention_backward)
     if t.recompute == "full":  # plus the recomputed layer's own activations
         layer += layer_activation_bytes(spec, recompute="none")
     peak = stored + layer
