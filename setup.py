@@ -8,8 +8,11 @@ setup(
     name="phi4-megatron",
     version="0.1.0",
     description="Phi-4-class training stack on Megatron-Core, Transformer Engine and Hydra",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
+    # conf/ stays at the top of the checkout and installs as the package phi4.conf (its YAML as
+    # package data): the entry points find it through the installed package, wheel or editable.
+    package_dir={"": "src", "phi4.conf": "conf"},
+    packages=find_packages("src") + ["phi4.conf"],
+    package_data={"phi4.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     python_requires=">=3.12",
     install_requires=[
         "torch>=2.6,<2.15",

@@ -548,3 +548,29 @@ def test_a_run_dir_that_is_a_file_or_not_writable_is_refused(tmp_path):
         pytest.skip("running as root: every directory is writable")
     assert "is not writable" in refused(locked / "run")
 
+
+
+def test_an_installed_wheel_finds_its_config_from_another_directory(tmp_path, cache):
+    """The config ships in the wheel (the package phi4.conf, mapped to conf/): the wheel installed
+    without -e into a folder, phi4-train run from another directory composes its config from
+    there and trains two steps."""
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT], check=True,
+                   capture_output=True)
+    wheel, = wheels.glob("phi4_megatron-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True, capture_output=True)
+    elsewhere.mkdir()
+    env = {**_env(2), "PYTHONPATH": str(site)}  # the installed copy, not the checkout's editable one
+
+    def run(*args):
+        return subprocess.run(args, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+
+    found = run(sys.executable, "-c", "import phi4; print(phi4.__file__); print(phi4.conf_dir())").stdout.split()
+    assert found == [str(site / "phi4" / "__init__.py"), str(site / "phi4" / "conf")]
+    job = run(site / "bin" / "phi4-train", "--cfg", "job")
+    assert job.returncode == 0 and "objective: lm" in job.stdout, job.stderr[-2000:]
+    out = run(site / "bin" / "phi4-train", f"run_dir={elsewhere / 'run'}",
+              *small(cache, "train.steps=2", "optim.warmup_steps=0"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(losses(elsewhere / "run")) == [1, 2]

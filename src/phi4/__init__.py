@@ -5,3 +5,11 @@ heavy modules are imported where they are used.
 """
 
 __version__ = "0.1.0"
+
+
+def conf_dir() -> str:
+    """The Hydra configs' folder, found through the installed package phi4.conf: the checkout's
+    conf/ under an editable install, the wheel's copy otherwise."""
+    from importlib.resources import files
+
+    return str(files("phi4.conf"))

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from phi4 import conf_dir
 from phi4.errors import ConfigError
 from phi4.logs import quiet_dependencies
 
-CONF_MODEL_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
+CONF_MODEL_DIR = Path(conf_dir()) / "model"
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from phi4 import conf_dir
 from phi4.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONF_DIR = Path(conf_dir())
 USAGE = "usage: phi4-plan [--json] [--search] [OVERRIDE ...]   (e.g. topology.tp=4 hardware=h200 plan.mfu=0.25)"
 
 

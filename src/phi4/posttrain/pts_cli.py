@@ -22,10 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
+from phi4 import conf_dir
 from phi4.errors import ConfigError
 from phi4.logs import one_line_config_errors, run_job
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+CONF_DIR = conf_dir()
 log = logging.getLogger("phi4.pts")
 
 

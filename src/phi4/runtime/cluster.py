@@ -19,11 +19,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from phi4 import conf_dir
 from phi4.errors import ConfigError
 
 STAGES = ("pretrain", "midtrain", "sft", "pts", "dpo")
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: jobs run here
-CONF = ROOT / "conf" / "cluster"
+CONF = Path(conf_dir()) / "cluster"
 TRAIN = ["-m", "phi4.train.main"]
 PTS = ["-m", "phi4.posttrain.pts_cli"]
 PER_STAGE = ("tasks_per_node", "cpus_per_task", "time_limit", "signal_seconds")  # cluster values a stage may override

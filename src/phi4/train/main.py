@@ -7,7 +7,6 @@ the tiny model on the bundled synthetic corpus: the embedded default.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from phi4.runtime import signals
 
@@ -17,10 +16,11 @@ import hydra
 from omegaconf import DictConfig
 
 import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
+from phi4 import conf_dir
 from phi4.errors import ConfigError
 from phi4.logs import one_line_config_errors, run_job
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+CONF_DIR = conf_dir()
 log = logging.getLogger("phi4.train")
 
 
