@@ -508,3 +508,17 @@ def test_search_through_a_sampled_policy_pairs_the_only_real_choice():
     (pair,) = result["pairs"]
     assert (pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]) == ([0], [2], [3])
     assert (pair["p_chosen"], pair["p_rejected"]) == (1.0, 0.0)
+
+
+def test_pts_settings_are_checked_before_the_checkpoint_or_any_process_group():
+    """A number out of range is the answer even when the checkpoint is missing too: the ranges
+    (phi4.settings) are checked first, in one line naming the setting."""
+    from hydra import compose, initialize_config_dir
+
+    from helpers import ROOT
+    from phi4.posttrain.pts_cli import search
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("pts", overrides=["pts.checkpoint=/nowhere", "pts.samples=0"])
+    with pytest.raises(ConfigError, match=r"^pts\.samples=0; valid: a whole number at least 1"):
+        search(cfg)

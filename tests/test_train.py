@@ -341,10 +341,9 @@ def test_composition_error_is_one_line_and_exit_2(tmp_path):
     out = train(tmp_path / "run", "train.stepz=3")
     assert out.returncode == 2
     lines = [line for line in out.stdout.splitlines() if line.strip()]
-    assert lines == ["error: Could not override 'train.stepz'; Key 'stepz' not in 'Train'; valid: objective, steps, "
-                     "token_budget, seq_length, micro_batch_size, global_batch_size, log_every, eval_every, "
-                     "eval_samples, max_wall_minutes, exit_interval, max_nonfinite_in_a_row, overlap_grad_reduce, "
-                     "overlap_param_gather, peak_tflops, tensorboard"], out.stdout
+    assert len(lines) == 1, out.stdout
+    assert lines[0].startswith("error: Could not override 'train.stepz'; Key 'stepz' not in 'Train'; valid: objective, "
+                               "steps, token_budget"), lines[0]
     assert not list(tmp_path.iterdir()) or all(p.name.startswith(".") for p in tmp_path.iterdir())
 
 

@@ -40,7 +40,6 @@ def run_job(job, cfg, log: logging.Logger, errors: dict) -> None:
         sys.exit(code)
 
 
-
 def config_error_line(err: Exception) -> str:
     """Hydra's refusal of a composition in one line: an override that does not parse, a group
     option that does not exist (with the options there are), a key that is not a setting (with the

@@ -220,8 +220,8 @@ def check_ranges(cfg: DictConfig, groups: tuple[str, ...]) -> None:
                 continue
             _check_number(f"{group}.{f.name}", value, f, typing.get_type_hints(SCHEMAS[group])[f.name])
         if group == "data":
+            weight = next(f for f in dataclasses.fields(Source) if f.name == "weight")
             for i, source in enumerate(node.get("sources") or []):
-                weight = dataclasses.fields(Source)[2]
                 _check_number(f"data.sources[{i}].weight", source.weight, weight, float)
 
 

@@ -38,7 +38,6 @@ def _problems(cfg: DictConfig, rank: int) -> list[dict]:
     from phi4.data.jsonl import checked_records
     from phi4.data.synth import write_synthetic_jsonl
 
-    phi4.settings.check_ranges(cfg, ("pts",))
     p = cfg.pts
     path = Path(p.problems) if p.problems else Path(cfg.run_dir) / "problems.jsonl"
     if not p.problems and rank == 0 and not path.exists():
@@ -72,6 +71,7 @@ def search(cfg: DictConfig) -> int:
     from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
     from phi4.train.loop import StopRequest
 
+    phi4.settings.check_ranges(cfg, ("pts",))
     p = cfg.pts
     checkpoint = resolve_checkpoint(p.checkpoint, "pts.checkpoint")
     model = ModelConfig.from_dict(checkpoint_common_state(checkpoint)[MODEL_CONFIG_KEY])
