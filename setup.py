@@ -35,12 +35,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "phi4-train = phi4.train.main:main",
-            "phi4-convert = phi4.convert.cli:main",
-            "phi4-data = phi4.data.cli:main",
-            "phi4-plan = phi4.plan.cli:main",
-            "phi4-pts = phi4.posttrain.pts_cli:main",
-            "phi4-eval = phi4.eval.cli:main",
+            "phi4-train = phi4.cli.train:main",
+            "phi4-convert = phi4.cli.convert:main",
+            "phi4-data = phi4.cli.data:main",
+            "phi4-plan = phi4.cli.plan:main",
+            "phi4-pts = phi4.cli.pts:main",
+            "phi4-eval = phi4.cli.eval:main",
         ]
     },
 )

@@ -30,11 +30,11 @@ def main() -> None:
     from helpers import FP32, TopologyConfig, sample_tokens, tiny_model
     from phi4.model.build import build_phi4_model
     from phi4.posttrain.generate import MegatronPolicy
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
 
     model = tiny_model()
     topology = TopologyConfig()
-    init_distributed(model, topology, FP32)
+    init_model_parallel(model, topology, FP32)
     chunks = build_phi4_model(model, topology, FP32)
     for chunk in chunks:
         chunk.eval()

@@ -1,7 +1,7 @@
 """Benchmark the training input pipeline and the tiny model's training speed on this machine.
 
 - data loader: samples drawn through the blended GPTDataset and collated into micro-batches
-  (the loop's path), in tokens/s, single process;
+  (the Trainer's path), in tokens/s, single process;
 - training: `phi4-train` on its embedded default (the tiny model, the synthetic corpus), steps/s
   and tokens/s over the last logging window, with 1 process and with 2 (TP=2 and DP=2).
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def bench_loader(cache: Path, samples: int, seq: int, micro_batch: int) -> float:
     from phi4.data.blend import GlobalBatches, Source, build_datasets
     from phi4.data.formats import Collate
+    from phi4.data.registry import FORMATS
     from phi4.data.corpus import ensure_corpus
 
     prefix = ensure_corpus(cache / "synthetic" / "bench", "arithmetic", 10000, 0)
@@ -33,7 +34,7 @@ def bench_loader(cache: Path, samples: int, seq: int, micro_batch: int) -> float
     batches = GlobalBatches(train, 64, 0, 1)
     started = time.perf_counter()
     for _ in range(samples // 64):
-        Collate(micro_batch)(batches.next())
+        Collate(FORMATS["gpt"], micro_batch)(batches.next())
     return (samples // 64) * 64 * seq / (time.perf_counter() - started)
 
 

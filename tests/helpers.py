@@ -9,7 +9,7 @@ from phi4.settings import load_group
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.hf_weights import hf_shapes
-from phi4.posttrain.sampling import LogitsFn, top_p_filter
+from phi4.eval.sampling import LogitsFn, top_p_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +60,13 @@ def load_in_layouts(model: ModelConfig, layouts: dict, checkpoint: str):
     """(name, model chunks holding the checkpoint's weights) for each layout in turn, on the ranks
     of a multirank run: the first starts the process group, the others rebuild the parallel groups."""
     from phi4.model.build import build_phi4_model
-    from phi4.runtime.distributed import init_distributed, set_parallel_layout
-    from phi4.train.checkpoint import load_model_weights
+    from phi4.model.parallel import init_model_parallel
+    from phi4.runtime.distributed import set_parallel_layout
+    from phi4.checkpoint.weights import load_model_weights
 
     for i, (name, topology) in enumerate(layouts.items()):
         if i == 0:
-            init_distributed(model, topology, FP32)
+            init_model_parallel(model, topology, FP32)
         else:
             set_parallel_layout(topology)
         chunks = build_phi4_model(model, topology, FP32)
@@ -120,3 +121,10 @@ def sample_tokens(
 
 FP32 = PrecisionConfig(dtype="fp32")
 __all__ = ["FP32", "ModelConfig", "TopologyConfig", "tiny_model", "random_hf_weights", "token_rows"]
+
+
+def optim_settings(**changes):
+    """The shipped Adam settings (conf/optim/adam.yaml), typed, with `changes`."""
+    from phi4.settings import Optim, load_group
+
+    return Optim(**{**load_group("optim", ROOT / "conf" / "optim" / "adam.yaml"), **changes})

@@ -14,11 +14,11 @@ def test_h100_stages_chain_and_size_their_jobs(tmp_path):
     options, command, env = jobs["midtrain"]
     assert {"--nodes=240", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR1@300", "--requeue",
             "--dependency=afterok:41", "--partition=gpu"} <= set(options)
-    assert command[:3] == ["python", "-m", "phi4.train.main"]
+    assert command[:3] == ["python", "-m", "phi4.cli.train"]
     assert f"checkpoint.load={tmp_path / 'pretrain'}" in command and f"run_dir={tmp_path / 'midtrain'}" in command
     assert "topology=h100_1920_midtrain" in command and "stage=midtrain" in command
     assert env["PHI4_SETUP"].startswith("source ")
-    assert jobs["pts"][1][:3] == ["python", "-m", "phi4.posttrain.pts_cli"]
+    assert jobs["pts"][1][:3] == ["python", "-m", "phi4.cli.pts"]
     assert f"pts.checkpoint={tmp_path / 'sft'}" in jobs["pts"][1]
     assert f"data.pairs={tmp_path / 'pts' / 'pairs.jsonl'}" in jobs["dpo"][1]
     assert not any(o.startswith("--dependency") for o in jobs["pretrain"][0])

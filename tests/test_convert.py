@@ -102,7 +102,7 @@ def load_converted(ckpt: str, tokens: torch.Tensor) -> dict:
     """On 2 ranks: the converted checkpoint at TP=2, then at PP=2; logits of each."""
     from megatron.core import parallel_state
 
-    from phi4.train.step import logits_of_tokens
+    from phi4.model.schedule import logits_of_tokens
 
     model = tiny_model(**MODEL)
     out = {}
@@ -133,22 +133,26 @@ def train_and_save(run_dir: str, tokens: torch.Tensor) -> dict:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from phi4.model.build import build_phi4_model, transformer_config
-    from phi4.runtime.distributed import init_distributed
-    from phi4.train.checkpoint import MODEL_CONFIG_KEY, RunCheckpointer
-    from phi4.train.step import OptimSettings, build_optimizer, logits_of_tokens, micro_batches_from_tokens, train_step, wrap_ddp
+    from phi4.model.parallel import init_model_parallel
+    from phi4.checkpoint.run import RunCheckpointer
+    from phi4.checkpoint.weights import MODEL_CONFIG_KEY
+    from helpers import optim_settings
+    from phi4.model.schedule import logits_of_tokens, micro_batches_from_tokens
+    from phi4.train.lm import lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model = dataclasses.replace(tiny_model(**MODEL), init_std=0.2)  # logits of order 1 from random init
     topology = TopologyConfig(tp=2)
-    init_distributed(model, topology, FP32, seed=11)
+    init_model_parallel(model, topology, FP32, seed=11)
     config = transformer_config(model, topology, FP32)
     ddp = wrap_ddp(build_phi4_model(model, topology, FP32, config=config), config)
-    optimizer = build_optimizer(ddp, config, OptimSettings(lr=1e-2))
+    optimizer = build_optimizer(ddp, config, optim_settings(lr=1e-2))
     scheduler = OptimizerParamScheduler(optimizer, init_lr=1e-2, max_lr=1e-2, min_lr=1e-2, lr_warmup_steps=0,
                                         lr_decay_steps=3, lr_decay_style="constant", start_wd=0.1, end_wd=0.1,
                                         wd_incr_steps=3, wd_incr_style="constant")
     rows = torch.randint(0, model.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
     for _ in range(3):
-        train_step(ddp, optimizer, micro_batches_from_tokens(rows, 2))
+        lm_train_step(ddp, optimizer, micro_batches_from_tokens(rows, 2))
         scheduler.step(1)
     directory = RunCheckpointer(run_dir, keep=1, async_save=False).save(
         3, ddp, optimizer, scheduler, {"step": 3, MODEL_CONFIG_KEY: dataclasses.asdict(model)})

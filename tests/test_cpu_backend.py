@@ -45,7 +45,8 @@ def rng_regions(tp: int):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from phi4.runtime.distributed import init_distributed, seed_all
+    from phi4.model.parallel import init_model_parallel
+    from phi4.runtime.distributed import seed_all
 
     warnings = []
 
@@ -54,7 +55,7 @@ def rng_regions(tp: int):
             warnings.append(record.getMessage())
 
     logging.getLogger("megatron.core.tensor_parallel.random").addHandler(Catch())
-    init_distributed(tiny_model(), TopologyConfig(tp=tp), FP32, seed=7)
+    init_model_parallel(tiny_model(), TopologyConfig(tp=tp), FP32, seed=7)
     tracker = get_cuda_rng_tracker()
     outside_before = torch.get_rng_state()
     with tracker.fork():

@@ -121,7 +121,7 @@ def test_bad_requests_leave_nothing_behind(corpus, tmp_path):
 
 
 def test_cli_reports_per_source_and_eval_set(corpus, tmp_path, capsys):
-    from phi4.data.cli import main
+    from phi4.cli.data import main
 
     root, *_ = corpus
     main(["decontaminate", "--eval", str(root / "bench.jsonl"), "--input", str(root / "books.jsonl"),

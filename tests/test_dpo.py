@@ -36,17 +36,18 @@ def test_dpo_terms_on_hand_made_log_probabilities():
 
 def _dpo_through_the_model(rows: dict) -> dict:
     from phi4.model.build import build_phi4_model
-    from phi4.posttrain.dpo import DirectPreference
-    from phi4.runtime.distributed import init_distributed, seed_all
-    from phi4.train.step import logits_of_tokens
+    from phi4.posttrain.dpo import evaluate_preferences, freeze
+    from phi4.model.parallel import init_model_parallel
+    from phi4.runtime.distributed import seed_all
+    from phi4.model.schedule import logits_of_tokens
 
     model = tiny_model(vocab_size=1024, num_layers=2)  # no padded rows: both sides see the same softmax
     topology = TopologyConfig()
-    init_distributed(model, topology, FP32)
+    init_model_parallel(model, topology, FP32)
     policy = build_phi4_model(model, topology, FP32)
     seed_all(7)
     reference = build_phi4_model(model, topology, FP32)
-    report = DirectPreference(reference, BETA).evaluate(policy, [rows])
+    report = evaluate_preferences(freeze(reference), BETA, policy, [rows])
 
     def logps(chunks):  # independent: log-softmax of full logits, gathered at the labels
         logits = logits_of_tokens(chunks, rows["tokens"])[..., : model.vocab_size].double()

@@ -315,7 +315,7 @@ def test_phi4_eval_without_a_checkpoint_is_one_line(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
     from helpers import ROOT
-    from phi4.eval.cli import evaluate_checkpoint
+    from phi4.cli.eval import evaluate_checkpoint
     from phi4.logs import run_job
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -121,9 +121,9 @@ def _te_spec_and_recipes(combos):
 
     from phi4.model.build import transformer_config
     from phi4.model.spec import phi4_block_spec
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
 
-    init_distributed(MODEL, TopologyConfig(), PrecisionConfig(dtype="bf16"))
+    init_model_parallel(MODEL, TopologyConfig(), PrecisionConfig(dtype="bf16"))
     built = []
     for values in combos:
         precision = PrecisionConfig.from_dict(values)

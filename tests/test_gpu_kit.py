@@ -125,7 +125,7 @@ def test_throughput_script_at_a_tiny_shape_on_the_cpu(tmp_path):
     from phi4.model.flops import flops_per_token
     from phi4.plan.estimate import estimate
     from phi4.settings import load_group
-    from phi4.plan.hardware import HardwareConfig
+    from phi4.runtime.hardware import HardwareConfig
     from phi4.plan.spec import PlanSpec
 
     profile = tmp_path / "profile.txt"

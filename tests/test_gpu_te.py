@@ -18,20 +18,23 @@ def train_te(precision_values: dict) -> dict:
     from phi4.model.config import PrecisionConfig
     from phi4.model.hf_weights import load_hf_weights
     from phi4.runtime import cpu
-    from phi4.runtime.distributed import init_distributed
-    from phi4.train.step import OptimSettings, build_optimizer, micro_batches_from_tokens, train_step, wrap_ddp
+    from phi4.model.parallel import init_model_parallel
+    from helpers import optim_settings
+    from phi4.model.schedule import micro_batches_from_tokens
+    from phi4.train.lm import lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model = dataclasses.replace(tiny_model(), backend="te")
     precision = PrecisionConfig.from_dict(precision_values)
     topology = TopologyConfig()
-    init_distributed(model, topology, precision, seed=1)
+    init_model_parallel(model, topology, precision, seed=1)
     config = transformer_config(model, topology, precision)
     chunks = build_phi4_model(model, topology, precision, config=config)
     load_hf_weights(chunks, {k: v.cuda() for k, v in random_hf_weights(model, seed=0).items()}, model)
     batches = [{k: v.cuda() for k, v in b.items()} for b in micro_batches_from_tokens(token_rows(model, 8, 64), 2)]
     ddp = wrap_ddp(chunks, config)
-    optimizer = build_optimizer(ddp, config, OptimSettings(lr=3e-3, weight_decay=0.0))
-    losses = [train_step(ddp, optimizer, batches)["loss"] for _ in range(STEPS)]
+    optimizer = build_optimizer(ddp, config, optim_settings(lr=3e-3, weight_decay=0.0))
+    losses = [lm_train_step(ddp, optimizer, batches)["loss"] for _ in range(STEPS)]
     layer = chunks[0].decoder.layers[0]
     return dict(losses=losses, cpu_backend=cpu.is_active(), qkv=type(layer.self_attention.linear_qkv).__name__)
 
@@ -66,7 +69,7 @@ def test_mxfp8_stops_at_start_on_a_gpu_older_than_blackwell():
     import torch
 
     from phi4.errors import ConfigError
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
 
     if torch.cuda.get_device_capability() >= (10, 0):
         pytest.skip("this GPU runs mxfp8")
@@ -75,7 +78,7 @@ def test_mxfp8_stops_at_start_on_a_gpu_older_than_blackwell():
     from phi4.model.config import PrecisionConfig
 
     with pytest.raises(ConfigError, match=r"precision.fp8.recipe=mxfp8 needs .*Blackwell.*valid here: precision.fp8.recipe="):
-        init_distributed(model, TopologyConfig(), PrecisionConfig.from_dict(precision))
+        init_model_parallel(model, TopologyConfig(), PrecisionConfig.from_dict(precision))
 
 
 def decode_te_cached_and_full(prompts: list, new_tokens: int) -> dict:
@@ -88,12 +91,12 @@ def decode_te_cached_and_full(prompts: list, new_tokens: int) -> dict:
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.model.config import PrecisionConfig
     from phi4.model.hf_weights import load_hf_weights
-    from phi4.runtime.distributed import init_distributed
-    from phi4.train.step import logits_of_tokens
+    from phi4.model.parallel import init_model_parallel
+    from phi4.model.schedule import logits_of_tokens
 
     model = dataclasses.replace(tiny_model(), backend="te")
     precision, topology = PrecisionConfig(dtype="fp32"), TopologyConfig()
-    init_distributed(model, topology, precision, seed=1)
+    init_model_parallel(model, topology, precision, seed=1)
     chunks = build_phi4_model(model, topology, precision, config=transformer_config(model, topology, precision))
     load_hf_weights(chunks, {k: v.cuda() for k, v in random_hf_weights(model, seed=0).items()}, model)
     for chunk in chunks:

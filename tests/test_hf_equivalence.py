@@ -32,14 +32,16 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
     from phi4.model.build import build_phi4_model
     from phi4.model.hf_weights import load_hf_weights
     from phi4.posttrain.dpo import attach_reference_logps
-    from phi4.runtime.distributed import init_distributed, set_parallel_layout
-    from phi4.train.step import evaluate_loss, logits_of_tokens, micro_batches_from_tokens
+    from phi4.model.parallel import init_model_parallel
+    from phi4.runtime.distributed import set_parallel_layout
+    from phi4.model.schedule import logits_of_tokens, micro_batches_from_tokens
+    from phi4.train.lm import evaluate_loss
 
     model = tiny_model(**MODEL)
     out = {}
     for i, (name, topology) in enumerate({"tp1": TopologyConfig(tp=1), "tp2": TopologyConfig(tp=2)}.items()):
         if i == 0:
-            init_distributed(model, topology, FP32)
+            init_model_parallel(model, topology, FP32)
         else:
             set_parallel_layout(topology)
         chunks = build_phi4_model(model, topology, FP32)

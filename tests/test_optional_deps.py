@@ -18,7 +18,12 @@ MODULES = [
     "phi4.runtime.launch_env",
     "phi4.runtime.distributed",
     "phi4.runtime.cpu",
-    "phi4.train.step",
+    "phi4.runtime.device",
+    "phi4.model.schedule",
+    "phi4.checkpoint.run",
+    "phi4.train.trainer",
+    "phi4.posttrain.dpo",
+    "phi4.cli.train_job",
 ]
 
 

@@ -38,23 +38,18 @@ def run_layouts(layouts: dict, weights: dict, tokens: torch.Tensor) -> dict:
 
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.model.hf_weights import load_hf_weights
-    from phi4.runtime.distributed import init_distributed, set_parallel_layout, seed_all
-    from phi4.train.step import (
-        OptimSettings,
-        build_optimizer,
-        data_parallel_slice,
-        evaluate_loss,
-        forward_logits,
-        micro_batches_from_tokens,
-        train_step,
-        wrap_ddp,
-    )
+    from phi4.model.parallel import init_model_parallel
+    from phi4.runtime.distributed import set_parallel_layout, seed_all
+    from helpers import optim_settings
+    from phi4.model.schedule import data_parallel_slice, forward_logits, micro_batches_from_tokens
+    from phi4.train.lm import evaluate_loss, lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model = tiny_model(**MODEL)
     results = {}
     for i, (name, topology) in enumerate(layouts.items()):
         if i == 0:
-            init_distributed(model, topology, FP32, seed=1234)
+            init_model_parallel(model, topology, FP32, seed=1234)
         else:
             set_parallel_layout(topology)
             seed_all(1234)
@@ -65,8 +60,8 @@ def run_layouts(layouts: dict, weights: dict, tokens: torch.Tensor) -> dict:
 
         logits = forward_logits(chunks, batches)
         ddp = wrap_ddp(chunks, config)
-        optimizer = build_optimizer(ddp, config, OptimSettings(lr=LR, weight_decay=0.0))
-        steps = [train_step(ddp, optimizer, batches) for _ in range(STEPS)]
+        optimizer = build_optimizer(ddp, config, optim_settings(lr=LR, weight_decay=0.0))
+        steps = [lm_train_step(ddp, optimizer, batches) for _ in range(STEPS)]
         final = evaluate_loss(ddp, batches)
 
         reports = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0

@@ -21,7 +21,7 @@ from helpers import ROOT, TopologyConfig, tiny_model, token_rows
 from multirank import run_ranks
 from phi4.model.config import PrecisionConfig
 from phi4.plan import memory
-from phi4.plan.cli import main as plan_main
+from phi4.cli.plan import main as plan_main
 from phi4.plan.spec import PlanSpec
 
 ACTIVATION_TOLERANCE = 0.20
@@ -53,25 +53,28 @@ def measure_layouts(layouts: dict, backend: str = "local") -> dict:
 
     from memory_probe import activation_peak, static_bytes
     from phi4.model.build import build_phi4_model, transformer_config
-    from phi4.runtime.distributed import init_distributed, seed_all, set_parallel_layout
-    from phi4.train.step import (OptimSettings, lm_forward_step, run_schedule, build_optimizer,
-                                 data_parallel_slice, micro_batches_from_tokens, train_step, wrap_ddp)
+    from phi4.model.parallel import init_model_parallel
+    from phi4.runtime.distributed import seed_all, set_parallel_layout
+    from helpers import optim_settings
+    from phi4.model.schedule import data_parallel_slice, micro_batches_from_tokens, run_schedule
+    from phi4.train.lm import lm_forward_step, lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model = tiny_model(backend=backend, vocab_size=MEASURED_VOCAB)
     results = {}
     for i, (name, (topology, dtype, seq, mbs, gbs)) in enumerate(layouts.items()):
         precision = PrecisionConfig(dtype=dtype)
         if i == 0:
-            init_distributed(model, topology, precision)
+            init_model_parallel(model, topology, precision)
         else:
             set_parallel_layout(topology)
             seed_all(1234)
         config = transformer_config(model, topology, precision)
         ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config)
-        optimizer = build_optimizer(ddp, config, OptimSettings())
+        optimizer = build_optimizer(ddp, config, optim_settings())
         batches = micro_batches_from_tokens(data_parallel_slice(token_rows(model, gbs, seq)), mbs)
-        first = train_step(ddp, optimizer, batches)  # Adam's state exists from the first step on
-        second = train_step(ddp, optimizer, batches)
+        first = lm_train_step(ddp, optimizer, batches)  # Adam's state exists from the first step on
+        second = lm_train_step(ddp, optimizer, batches)
 
         def forward_backward():
             for chunk in ddp:
@@ -260,7 +263,7 @@ def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
     the rest."""
     from phi4.model.config import FP8Config
     from phi4.plan.estimate import estimate
-    from phi4.plan.hardware import HardwareConfig
+    from phi4.runtime.hardware import HardwareConfig
     from phi4.settings import load_group
 
     model = tiny_model(num_layers=8, backend="te")

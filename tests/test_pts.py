@@ -41,7 +41,7 @@ class LogitsPolicy:
     def token_logprobs(self, prefix_ids, tokens):
         return token_logprobs(self.logits_fn, prefix_ids, tokens)
 from helpers import sample_tokens
-from phi4.posttrain.sampling import token_logprobs, top_p_filter
+from phi4.eval.sampling import token_logprobs, top_p_filter
 
 EOS, WIN, LOSE = 1, 2, 3
 UP, DOWN = 1000, 2000  # UP + k / DOWN + k: first tokens, at depth k, of rollouts that all win / all lose
@@ -516,7 +516,7 @@ def test_pts_settings_are_checked_before_the_checkpoint_or_any_process_group():
     from hydra import compose, initialize_config_dir
 
     from helpers import ROOT
-    from phi4.posttrain.pts_cli import search
+    from phi4.cli.pts import search
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("pts", overrides=["pts.checkpoint=/nowhere", "pts.samples=0"])

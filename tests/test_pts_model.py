@@ -13,11 +13,11 @@ from multirank import run_ranks
 def _both_samplers() -> dict:
     from phi4.model.build import build_phi4_model
     from phi4.posttrain.generate import MegatronPolicy
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
 
     model = tiny_model(vocab_size=1024, num_layers=2)
     topology = TopologyConfig()
-    init_distributed(model, topology, FP32)
+    init_model_parallel(model, topology, FP32)
     chunks = build_phi4_model(model, topology, FP32)
     for chunk in chunks:
         chunk.eval()

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from helpers import ROOT
 from phi4.errors import ConfigError
-from phi4.train.safe_load import check_checkpoint
+from phi4.checkpoint.safe_load import check_checkpoint
 
 def _leave_marker(path):
     with open(path, "w") as f:
@@ -84,14 +84,14 @@ def test_truncated_metadata_is_one_line(tmp_path):
 def test_every_loader_checks_first(tmp_path):
     """Resume, checkpoint.load, phi4-eval and PTS go through resolve_checkpoint; phi4-convert
     through its own reader: each refuses the crafted checkpoint with exit 2 and one line."""
-    from phi4.train.checkpoint import resolve_checkpoint
+    from phi4.checkpoint.pointers import resolve_checkpoint
 
     marker = tmp_path / "ran"
     directory = tmp_path / "bad"
     _save(directory, {"w": torch.ones(3), "common": {"step": Payload(marker)}})
     with pytest.raises(ConfigError, match="refused to load item 'common.step'"):
         resolve_checkpoint(directory)
-    out = subprocess.run([sys.executable, "-m", "phi4.convert.cli", "mcore-to-hf", "--ckpt", str(directory),
+    out = subprocess.run([sys.executable, "-m", "phi4.cli.convert", "mcore-to-hf", "--ckpt", str(directory),
                           "--out", str(tmp_path / "hf"), "--no-progress"], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT / 'src'}"})
     assert out.returncode == 2, out.stderr[-2000:]

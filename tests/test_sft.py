@@ -107,11 +107,11 @@ def test_packing_rows_labels_and_reports(packed):
 def _packed_vs_alone(row: dict, segments: list[int]) -> dict:
     from phi4.data.chat import block_causal_mask
     from phi4.model.build import build_phi4_model, unwrap
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
 
     model = tiny_model(vocab_size=100352, num_layers=2)
     topology = TopologyConfig()
-    init_distributed(model, topology, FP32)
+    init_model_parallel(model, topology, FP32)
     net = unwrap(build_phi4_model(model, topology, FP32)[0]).eval()
     tokens, positions = row["tokens"][None], row["position_ids"][None]
     with torch.no_grad():
@@ -140,14 +140,16 @@ def _thd_vs_alone(row: dict, segments: list[int]) -> dict:
     import dataclasses
 
     from phi4.data.formats import Collate
+    from phi4.data.registry import FORMATS
+    from phi4.runtime import device
     from phi4.model.build import build_phi4_model, unwrap
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
 
     model = dataclasses.replace(tiny_model(vocab_size=100352, num_layers=2), backend="te")
     topology = TopologyConfig()
-    init_distributed(model, topology, FP32)
+    init_model_parallel(model, topology, FP32)
     net = unwrap(build_phi4_model(model, topology, FP32)[0]).eval()
-    batch = Collate(1, "thd")([row])[0]
+    batch = device.current().move(Collate(FORMATS["packed_chat"], 1, "thd")([row])[0])
     with torch.no_grad():
         packed = net(batch["tokens"].cuda(), batch["position_ids"].cuda(), None,
                      packed_seq_params=batch["packed_seq_params"])

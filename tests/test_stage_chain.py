@@ -25,7 +25,7 @@ PYTHON = Path(sys.executable)
 
 
 def _common(run_dir: Path) -> dict:
-    from phi4.train.checkpoint import checkpoint_common_state
+    from phi4.checkpoint.weights import checkpoint_common_state
 
     return checkpoint_common_state(run_dir)
 

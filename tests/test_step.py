@@ -10,17 +10,20 @@ from multirank import run_ranks
 
 def nan_gradient_step():
     from phi4.model.build import build_phi4_model, transformer_config
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
     from phi4.train import step as step_module
-    from phi4.train.step import OptimSettings, build_optimizer, micro_batches_from_tokens, train_step, wrap_ddp
+    from helpers import optim_settings
+    from phi4.model.schedule import micro_batches_from_tokens
+    from phi4.train.lm import lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model, topology = tiny_model(vocab_size=1024), TopologyConfig(tp=2)
-    init_distributed(model, topology, FP32)
+    init_model_parallel(model, topology, FP32)
     config = transformer_config(model, topology, FP32)
     ddp = wrap_ddp(build_phi4_model(model, topology, FP32, config=config), config)
-    optimizer = build_optimizer(ddp, config, OptimSettings(lr=1e-2))
+    optimizer = build_optimizer(ddp, config, optim_settings(lr=1e-2))
     batches = micro_batches_from_tokens(token_rows(model, 4, 16), 2)
-    healthy = train_step(ddp, optimizer, batches)
+    healthy = lm_train_step(ddp, optimizer, batches)
 
     before = [p.detach().clone() for p in ddp[0].parameters()]
     original = step_module.run_schedule
@@ -32,10 +35,10 @@ def nan_gradient_step():
         return out
 
     step_module.run_schedule = poisoned
-    skipped = train_step(ddp, optimizer, batches)
+    skipped = lm_train_step(ddp, optimizer, batches)
     step_module.run_schedule = original
     unchanged = all(torch.equal(a, b) for a, b in zip(before, ddp[0].parameters()))
-    after = train_step(ddp, optimizer, batches)
+    after = lm_train_step(ddp, optimizer, batches)
     return dict(healthy=healthy["update_successful"], skipped=skipped["update_successful"],
                 norm=float(skipped["grad_norm"]), unchanged=unchanged, after=after["update_successful"])
 

@@ -90,7 +90,7 @@ def test_held_out_split_never_meets_training():
 def test_cli_writes_a_test_split_and_refuses_an_empty_one(tmp_path, capsys):
     import json
 
-    from phi4.data.cli import main
+    from phi4.cli.data import main
     from phi4.data.synth import Problem, split_of
 
     main(["synth", "--count", "4", "--split", "test", "--kinds", "trip", "ages", "--out", str(tmp_path / "t.jsonl")])
@@ -106,7 +106,7 @@ def test_cli_writes_a_test_split_and_refuses_an_empty_one(tmp_path, capsys):
 
 @pytest.mark.parametrize("count", ["-5", "0", "ten"])
 def test_cli_refuses_a_count_that_is_not_positive(tmp_path, capsys, count):
-    from phi4.data.cli import main
+    from phi4.cli.data import main
 
     with pytest.raises(SystemExit) as stop:
         main(["synth", "--count", count, "--out", str(tmp_path / "p.jsonl")])

@@ -29,7 +29,10 @@ def cache(tmp_path_factory):
 
 
 def small(cache, *extra):
-    return ["train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
+    # phi4_tiny at half its width: these runs test the loop, resume and saves, which a smaller model
+    # (half the checkpoint bytes) does as well
+    return ["model.hidden_size=64", "model.ffn_hidden_size=224",
+            "train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
             "train.eval_every=0", "eval.every=0", "train.tensorboard=false", "data.synthetic.problems=600",
             f"data.cache_dir={cache}", "optim.warmup_steps=2", *extra]
 
@@ -104,7 +107,7 @@ def test_default_run(default_run):
     assert latest(tmp_path) == "step_0000012"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000008", "step_0000012"]
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert saved["train"]["steps"] == 12 and saved["model"]["hidden_size"] == 128
+    assert saved["train"]["steps"] == 12 and saved["model"]["hidden_size"] == 64  # as small() set it
     assert list((tmp_path / "tensorboard").glob("events.*"))
     assert str(tmp_path) in out.stdout + out.stderr  # the run directory is printed
     # The held-out synthetic split, answered at the last step: its accuracy and interval are those
@@ -288,7 +291,7 @@ def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
     """Each raises before any process group or file exists (in this process: no launch needed)."""
     from hydra import compose, initialize_config_dir
 
-    from phi4.train.loop import train as run_training
+    from phi4.cli.train_job import train as run_training
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("train", overrides=[*overrides, f"run_dir={tmp_path}"])
@@ -359,7 +362,7 @@ def test_bf16_tracks_fp32(tmp_path, cache, straight):
 def test_pruning_never_removes_what_latest_or_final_names(tmp_path):
     """keep below 1 keeps the checkpoint just written; a checkpoint `final` names survives
     pruning however old (the run's end, another stage's start)."""
-    from phi4.train.checkpoint import _publish, checkpoint_dir
+    from phi4.checkpoint.pointers import publish as _publish, checkpoint_dir
 
     dirs = [checkpoint_dir(tmp_path, step) for step in (10, 20, 30)]
     for d in dirs:
@@ -375,9 +378,10 @@ def test_pruning_never_removes_what_latest_or_final_names(tmp_path):
 def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_is_written(tmp_path, cache, straight):
     from hydra import compose, initialize_config_dir
 
-    from phi4.train.checkpoint import latest_checkpoint
-    from phi4.train.loop import check_resume, settings
-    from phi4.train.loop import train as run_training
+    from phi4.checkpoint.pointers import latest_checkpoint
+    from phi4.train.checks import check_resume
+    from phi4.train.trainer import model_settings as settings
+    from phi4.cli.train_job import train as run_training
 
     run = tmp_path / "run"
     shutil.copytree(straight, run, copy_function=os.link)
@@ -388,8 +392,8 @@ def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_i
             return compose("train", overrides=[*small(cache, "train.steps=10"), f"run_dir={run}", *overrides])
 
     with pytest.raises(ConfigError) as err:
-        run_training(cfg_with("model.hidden_size=64"))
-    assert "holds a run of another model (model.hidden_size 128 -> 64)" in str(err.value)
+        run_training(cfg_with("model.hidden_size=96"))
+    assert "holds a run of another model (model.hidden_size 64 -> 96)" in str(err.value)
     with pytest.raises(ConfigError) as err:
         run_training(cfg_with("train.global_batch_size=8"))
     assert "another batch shape (train.global_batch_size 4 -> 8)" in str(err.value)
@@ -530,7 +534,7 @@ def test_a_failed_start_leaves_the_run_directory_as_it_was(tmp_path):
 def test_a_run_dir_that_is_a_file_or_not_writable_is_refused(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from phi4.train.loop import train as run_training
+    from phi4.cli.train_job import train as run_training
 
     def refused(run_dir):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -66,10 +66,10 @@ def test_precision_rules():
 
 def test_wrong_topology_fails_before_any_process_group():
     """init_distributed validates first: a bad TP is a ConfigError and torch.distributed stays down."""
-    from phi4.runtime.distributed import init_distributed
+    from phi4.model.parallel import init_model_parallel
     from phi4.runtime.launch_env import LaunchEnv
 
     model = dataclasses.replace(tiny_model(), num_query_groups=2)
     with pytest.raises(ConfigError, match=r"topology.tp=4 does not divide the model evenly .*valid topology.tp: 1, 2"):
-        init_distributed(model, TopologyConfig(tp=4), FP32, launch=LaunchEnv(0, 4, 0, "127.0.0.1", 1, "torchrun"))
+        init_model_parallel(model, TopologyConfig(tp=4), FP32, launch=LaunchEnv(0, 4, 0, "127.0.0.1", 1, "torchrun"))
     assert not torch.distributed.is_initialized()

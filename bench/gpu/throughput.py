@@ -4,7 +4,7 @@ prediction for the same shape: the planner's calibration.
 The model is Phi-4's layer (hidden 5120, FFN 17920, 40 heads in 10 groups, vocabulary 100352) at
 sequence 4096, with as many layers as fit one GPU with the distributed optimizer (`--layers auto`:
 the planner's memory model picks the most that fit, and a run out of memory retries with fewer).
-It runs `phi4.train.step.train_step` (Megatron-Core's schedule, DDP, the distributed optimizer)
+It runs `phi4.train.lm.lm_train_step` (Megatron-Core's schedule, DDP, the distributed optimizer)
 on random tokens and prints tokens/s, model TFLOP/s per GPU (phi4's FLOP count:
 phi4.model.flops), MFU against the bf16 dense peak, peak memory, and phi4-plan's figures for the
 same shape and hardware. `--shape tiny` runs the same code path on the CPU in seconds.
@@ -41,7 +41,7 @@ def load_yaml(group: str, name: str) -> dict:
 
 def settings(args):
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-    from phi4.plan.hardware import HardwareConfig
+    from phi4.runtime.hardware import HardwareConfig
 
     model_name, seq, mbs, micro_batches = SHAPES[args.shape]
     values = load_yaml("model", model_name)
@@ -82,16 +82,19 @@ def measure(model, topology, precision, hardware, seq, mbs, micro_batches, steps
 
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.model.flops import flops_per_token
-    from phi4.runtime.distributed import init_distributed
-    from phi4.train.step import OptimSettings, build_optimizer, train_step, wrap_ddp
+    from phi4.model.parallel import init_model_parallel
+    from phi4 import conf_dir
+    from phi4.settings import Optim, load_group
+    from phi4.train.lm import lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
 
-    init_distributed(model, topology, precision, seed=1)
+    init_model_parallel(model, topology, precision, seed=1)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     config = transformer_config(model, topology, precision)
     chunks = build_phi4_model(model, topology, precision, config=config)
     ddp = wrap_ddp(chunks, config)
-    optimizer = build_optimizer(ddp, config, OptimSettings(lr=1e-4))
+    optimizer = build_optimizer(ddp, config, Optim(**{**load_group("optim", Path(conf_dir()) / "optim" / "adam.yaml"), "lr": 1e-4}))
     generator = torch.Generator(device="cpu").manual_seed(0)
     batches = []
     for _ in range(micro_batches):
@@ -106,17 +109,17 @@ def measure(model, topology, precision, hardware, seq, mbs, micro_batches, steps
 
     losses = []
     for _ in range(warmup):
-        losses.append(train_step(ddp, optimizer, batches)["loss"])
+        losses.append(lm_train_step(ddp, optimizer, batches)["loss"])
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(steps):
-        losses.append(train_step(ddp, optimizer, batches)["loss"])
+        losses.append(lm_train_step(ddp, optimizer, batches)["loss"])
     sync()
     seconds = (time.perf_counter() - started) / steps
     if profile:
-        write_profile(profile, lambda: train_step(ddp, optimizer, batches), cuda)
+        write_profile(profile, lambda: lm_train_step(ddp, optimizer, batches), cuda)
     tokens_per_step = mbs * micro_batches * seq
     tokens_per_s = tokens_per_step / seconds
     tflops = flops_per_token(model, seq) * tokens_per_s / 1e12

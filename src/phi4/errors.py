@@ -1,5 +1,21 @@
-"""The one exception a user sees for bad settings or bad files."""
+"""The one error a refused setting or input raises, and the helper that builds a settings
+dataclass refusing unknown keys by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
 
 
 class ConfigError(ValueError):
-    """A setting or input that cannot work: the message names it and what would be valid."""
+    """A setting, file or input that cannot work: one line naming it and what would be valid."""
+
+
+def settings_from_dict(cls, group: str, values: Mapping[str, Any]):
+    """`cls(**values)`, with a key that is not one of its fields refused by name: a typo in an
+    override is an error, not a silently ignored setting."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{group}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    return cls(**dict(values))

@@ -8,6 +8,9 @@ import os
 import sys
 import warnings
 
+from hydra.errors import HydraException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
 
 def quiet_dependencies() -> None:
     """Megatron-Core's and torch's deprecation notices and CUDA-less start-up warnings are not
@@ -22,11 +25,8 @@ def run_job(job, cfg, log: logging.Logger, errors: dict) -> None:
     """A Hydra entry point's body: the console set up, `job(cfg)` run, each expected error class
     in `errors` reported as one line (no traceback) with its exit code. Exits only when the code is
     not 0: returning on success lets a Hydra launcher (submitit) see a finished job, not SystemExit(0)."""
-    import sys
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     quiet_dependencies()
-    from omegaconf.errors import MissingMandatoryValue
 
     try:
         code = job(cfg)
@@ -44,8 +44,6 @@ def config_error_line(err: Exception) -> str:
     """Hydra's refusal of a composition in one line: an override that does not parse, a group
     option that does not exist (with the options there are), a key that is not a setting (with the
     settings there are), a value of the wrong type (with the type it needs)."""
-    from omegaconf.errors import OmegaConfBaseException
-
     message = str(err).split("\nConfig search path")[0]
     head, _, options = message.partition("\nAvailable options in")
     parts = [line.strip().removeprefix("Error merging override ").rstrip(".") for line in head.splitlines()
@@ -65,8 +63,6 @@ def config_error_line(err: Exception) -> str:
 def one_line_config_errors(hydra_main):
     """An entry point made by `@hydra.main`, with Hydra's composition errors (see
     `config_error_line`) as one line and exit code 2, like every other refused setting."""
-    from hydra.errors import HydraException
-
     @functools.wraps(hydra_main)
     def main():
         # Hydra raises its errors instead of printing them (several lines, exit 1); errors of the

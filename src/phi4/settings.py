@@ -10,7 +10,7 @@ points print the refusal as one line with exit code 2 (`phi4.logs.one_line_confi
 Ranges live beside the fields (`number(...)`) and `check_ranges` runs them, once, before any
 process group: one line naming the setting, its value and what would be valid. The model,
 topology, precision and hardware schemas are the unfrozen twins of the frozen dataclasses the code
-builds from (`phi4.model.config`, `phi4.plan.hardware`), so a field is declared once.
+builds from (`phi4.model.config`, `phi4.runtime.hardware`), so a field is declared once.
 
 `register()` runs at import: every entry point, and anything that composes these configs
 (tests, phi4-plan), imports this module first.
@@ -24,11 +24,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from phi4.errors import ConfigError
 from phi4.model.config import FP8Config, ModelConfig, PrecisionConfig, TopologyConfig
-from phi4.plan.hardware import HardwareConfig
+from phi4.runtime.hardware import HardwareConfig
 
 
 def number(default: Any = MISSING, least: float = 0, most: Optional[float] = None, above: bool = False,
@@ -176,8 +178,6 @@ SCHEMAS: dict[str, type] = {
 
 
 def register() -> None:
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         store.store(group="schema", name=name, node=schema)
@@ -187,8 +187,6 @@ def load_group(group: str, path) -> dict:
     """One group's YAML file read alone, without Hydra (a `--model` file, a benchmark's shapes):
     its `defaults` list dropped, its values typed by the group's schema; a key that is not a
     setting, a value of the wrong type or a required one missing is one ConfigError naming the file."""
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         values = OmegaConf.load(path)
         if "defaults" in values:

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from tqdm import tqdm
 
+from phi4.checkpoint.weights import MODEL_CONFIG_KEY
 from phi4.convert.hf_config import check_same_model, generation_config, hf_config, model_config_from_hf
 from phi4.convert.mcore_checkpoint import CheckpointReader, CheckpointWriter
 from phi4.convert.safetensors_io import HFCheckpointReader, ShardedSafetensorsWriter
+from phi4.convert.tokenizer_export import write_tokenizer
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig
 from phi4.model.hf_weights import checkpoint_layout, hf_shapes, hf_to_mcore_full, mcore_full_to_hf
-from phi4.train.checkpoint import MODEL_CONFIG_KEY
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
@@ -60,8 +62,6 @@ class Progress:
     """A progress bar over bytes converted, on stderr."""
 
     def __init__(self, total_bytes: int, label: str, enabled: bool = True):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, file=sys.stderr,
                         disable=not enabled, mininterval=1.0)
 
@@ -180,7 +180,6 @@ def mcore_to_hf(ckpt: Path, out: Path, model: Optional[ModelConfig] = None, dtyp
         bar.close()
         (partial / "config.json").write_text(json.dumps(hf_config(model, dtype_name), indent=2) + "\n")
         (partial / "generation_config.json").write_text(json.dumps(generation_config(model), indent=2) + "\n")
-        from phi4.convert.tokenizer_export import write_tokenizer
 
         write_tokenizer(partial, model.max_position_embeddings)
         if before_commit:

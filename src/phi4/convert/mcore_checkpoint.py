@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from phi4.checkpoint.safe_load import check_checkpoint
 from phi4.errors import ConfigError
-from phi4.train.safe_load import check_checkpoint
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"  # Megatron-Core's ShardedObject("common_state", (1,), (0,))

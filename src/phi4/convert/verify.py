@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from phi4.model.config import ModelConfig
+from phi4.checkpoint.weights import load_model_weights
+from phi4.model.build import build_phi4_model
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.parallel import init_model_parallel
+from phi4.model.schedule import logits_of_tokens
+from phi4.runtime.distributed import shutdown
+from phi4.runtime.launch_env import read_launch_env
 
 
 def verification_tokens(model: ModelConfig, length: int = 64) -> torch.Tensor:
@@ -26,18 +33,9 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def megatron_logits(ckpt_dir: Path, model: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of the checkpoint loaded into the local spec, TP=1, in this one process."""
-    import dataclasses
-
-    from phi4.model.build import build_phi4_model
-    from phi4.model.config import PrecisionConfig, TopologyConfig
-    from phi4.runtime.distributed import init_distributed, shutdown
-    from phi4.runtime.launch_env import read_launch_env
-    from phi4.train.checkpoint import load_model_weights
-    from phi4.train.step import logits_of_tokens
-
     model = dataclasses.replace(model, backend="local")
     topology, precision = TopologyConfig(), PrecisionConfig(dtype="fp32")
-    init_distributed(model, topology, precision, launch=read_launch_env({}))  # alone, on a free port
+    init_model_parallel(model, topology, precision, launch=read_launch_env({}))  # alone, on a free port
     try:
         chunks = build_phi4_model(model, topology, precision)
         load_model_weights(chunks, ckpt_dir)

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.tokenizers import MegatronTokenizerBase
 
+from phi4.data.check import check_tokens, sources_fingerprint
+from phi4.data.registry import DataFormat, register
+from phi4.data.tokenizer import Phi4Tokenizer, get_tokenizer
 from phi4.errors import ConfigError
 
 
 def _megatron_tokenizer():
     """The Phi-4 tokenizer as the object Megatron-Core's datasets ask about (eod, pad, vocab size)."""
-    from megatron.core.tokenizers import MegatronTokenizerBase
-
-    from phi4.data.tokenizer import Phi4Tokenizer, get_tokenizer
-
     class Phi4MegatronTokenizer(MegatronTokenizerBase):
         def __init__(self):
             super().__init__(path="phi4", config={})
@@ -81,9 +83,6 @@ def check_sources(sources: list[Source]) -> None:
 def build_datasets(sources: list[Source], seq_length: int, train_samples: int, valid_samples: int, seed: int,
                    split: str, cache_dir: str):
     """(train, validation) datasets of `seq_length`-token samples blended by weight."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     check_sources(sources)
     config = GPTDatasetConfig(
         random_seed=seed,
@@ -128,3 +127,20 @@ def evaluation_samples(dataset, count: int, dp_rank: int, dp_size: int) -> Optio
     count = min(count, len(dataset)) // dp_size * dp_size
     per = count // dp_size
     return [dataset[dp_rank * per + i] for i in range(per)] if per else None
+
+
+@register("gpt")
+class GptFormat(DataFormat):
+    """Indexed documents (`phi4-data preprocess`), cut into sequences by Megatron-Core's GPTDataset
+    and blended by BlendedMegatronDatasetBuilder: pre- and mid-training."""
+
+    def check_files(self, data, sources: list[Source], vocab_size: int) -> None:
+        check_sources(sources)
+        for s in sources:
+            check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
+
+    def datasets(self, data, sources: list[Source], seq_length: int, train_samples: int, valid_samples: int,
+                 seed: int) -> tuple:
+        # keyed by the files themselves: a re-made dataset never meets a stale index cache
+        cache = Path(data.cache_dir) / "index_cache" / sources_fingerprint([s.path for s in sources])
+        return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split, str(cache))

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.packed_seq_params import PackedSeqParams
 
+from phi4.data.blend import check_sources
+from phi4.data.check import check_tokens, read_index
+from phi4.data.jsonl import BadLine, jsonl_records
+from phi4.data.registry import DataFormat, blend_by_weight, register, stack_rows
+from phi4.data.tokenizer import Phi4Tokenizer, get_tokenizer
 from phi4.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -34,8 +42,6 @@ MASK_SUFFIX = ".loss_mask"
 
 def message_ids(role: str, content: str) -> tuple[list[int], list[int]]:
     """(header ids, body ids) of one message; the body is the content and its `<|im_end|>`."""
-    from phi4.data.tokenizer import get_tokenizer
-
     tok = get_tokenizer()
     # Special-token strings inside content stay text: a message cannot forge a turn boundary.
     return tok.encode(f"<|im_start|>{role}<|im_sep|>"), tok.encode(content, allow_special=False) + [tok.eos_id]
@@ -75,8 +81,6 @@ class PackReport:
 
 
 def _records(paths: Iterable[Path]) -> Iterator[tuple[str, object]]:
-    from phi4.data.jsonl import BadLine, jsonl_records
-
     for path in paths:
         for where, record in jsonl_records(path):
             if not isinstance(record, BadLine) and (not isinstance(record, dict) or "messages" not in record):
@@ -87,9 +91,6 @@ def _records(paths: Iterable[Path]) -> Iterator[tuple[str, object]]:
 def pack_chat(inputs: list[Path], output_prefix: Path, seq_length: int) -> PackReport:
     """Tokenize, mask and pack chat JSONL into `<output_prefix>` (written under temporary names,
     renamed only when complete). Bad lines and conversations longer than a row are reported."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"phi4-data chat: input file(s) not found: {', '.join(missing)}")
@@ -159,10 +160,6 @@ class PackedChatDataset:
     conversations in the inputs, then of the padding)."""
 
     def __init__(self, prefix: str | Path, seq_length: int, rows: Optional[range] = None):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        from phi4.data.tokenizer import Phi4Tokenizer
-
         prefix = str(prefix)
         meta_path = Path(f"{prefix}.json")
         if not meta_path.is_file():
@@ -185,8 +182,6 @@ class PackedChatDataset:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        import torch
-
         pack = self.rows[i]
         first, last = int(self.docs[pack]), int(self.docs[pack + 1])
         ids = [numpy.asarray(self.tokens[j]) for j in range(first, last)]
@@ -209,10 +204,49 @@ class PackedChatDataset:
 def block_causal_mask(segments: list[list[int]], seq: int):
     """[batch, 1, seq, seq] boolean mask (True = not attended) that keeps each position's
     attention causal and inside its own segment: Megatron-Core's attention-mask convention."""
-    import torch
-
     seg_ids = torch.stack([torch.repeat_interleave(torch.arange(len(s)), torch.tensor(s)) for s in segments])
     assert seg_ids.shape[1] == seq, (seg_ids.shape, seq)
     same = seg_ids[:, :, None] == seg_ids[:, None, :]
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     return ~(same & causal).unsqueeze(1)
+
+
+def thd_packed(batch: dict, segments: list[list[int]]) -> dict:
+    """The micro-batch flattened into one packed row with `cu_seqlens`, for Transformer Engine's
+    attention (the te backend)."""
+    lengths = torch.tensor([n for row in segments for n in row], dtype=torch.int32)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0, dtype=torch.int32)])
+    flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+    return {**flat, "packed_seq_params": params}
+
+
+@register("packed_chat")
+class PackedChatFormat(DataFormat):
+    """Packed conversations with a loss mask (`phi4-data chat`): SFT. Attention stays inside each
+    conversation: a block-causal mask (`mask`, the local backend) or THD boundaries (`thd`, te)."""
+
+    def check_files(self, data, sources: list, vocab_size: int) -> None:
+        check_sources(sources)
+        for s in sources:
+            lengths = check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
+            _, mask_lengths = read_index(s.path + MASK_SUFFIX)
+            if not numpy.array_equal(lengths, mask_lengths):
+                raise ConfigError(f"data.sources.{s.name}: {s.path}{MASK_SUFFIX}.idx does not match {s.path}.idx "
+                                  "row for row: re-make both with `phi4-data chat`")
+
+    def datasets(self, data, sources: list, seq_length: int, train_samples: int, valid_samples: int,
+                 seed: int) -> tuple:
+        return blend_by_weight(sources, lambda s, rows: PackedChatDataset(s.path, seq_length, rows), data.split,
+                               train_samples, valid_samples)
+
+    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str) -> list[dict]:
+        batches = stack_rows(samples, micro_batch_size)
+        for start, batch in zip(range(0, len(samples), micro_batch_size), batches):
+            segments = [s["segments"] for s in samples[start : start + micro_batch_size]]
+            if packed_attention == "mask":
+                batch["attention_mask"] = block_causal_mask(segments, batch["tokens"].shape[1])
+            else:
+                batch.update(thd_packed(batch, segments))
+        return batches

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from phi4.data.chat import pack_chat
+from phi4.data.preprocess import preprocess
 from phi4.data.synth import WORD_PROBLEMS, generate, write_synthetic_jsonl
 
 log = logging.getLogger("phi4.data")
@@ -33,9 +35,6 @@ def ensure_corpus(prefix: Path, corpus: str = "arithmetic", problems: int = 1000
                   seq_length: int | None = None, split: str = "all") -> Path:
     """`<prefix>.bin/.idx` (and, for chat, the loss mask and `.json`) of a synthetic corpus; `split`
     "train" leaves out the questions of the held-out test split (phi4.data.synth)."""
-    from phi4.data.chat import pack_chat
-    from phi4.data.preprocess import preprocess
-
     if corpus not in CORPORA:
         raise ValueError(f"generate.corpus={corpus!r}; valid: {', '.join(CORPORA)}")
     prefix = Path(prefix)

@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy
+from tqdm import tqdm
 
+from phi4.data.jsonl import checked_records
+from phi4.data.tokenizer import get_tokenizer
 from phi4.errors import ConfigError
 
 EVAL_KEYS = ("prompt", "question", "problem", "text", "solution", "answer", "messages")
@@ -94,8 +97,6 @@ class EvalNgrams:
 
     @classmethod
     def build(cls, paths: list[Path], n: int, keys: Iterable[str] = EVAL_KEYS) -> "EvalNgrams":
-        from phi4.data.jsonl import checked_records
-
         keys = tuple(keys)
         owners: dict[int, list[int]] = {}
         sets, item_set = [], []
@@ -166,8 +167,6 @@ def _check_lines(lines: list[bytes]) -> list[tuple]:
             continue
         found = matches(text, _HASHES, _N)
         if len(found):
-            from phi4.data.tokenizer import get_tokenizer
-
             out.append(("remove", len(get_tokenizer().encode(text, allow_special=False)), found.tolist()))
         else:
             out.append(("keep",))
@@ -234,8 +233,6 @@ def decontaminate(inputs: list[Path], eval_paths: list[Path], output_dir: Path, 
                   progress: bool = True, lines_per_batch: int = 256) -> DecontaminationReport:
     """Copy each input JSONL to `output_dir` without the documents that share an n-gram with the
     evaluation sets; those go to `removed_path` when given."""
-    from tqdm import tqdm
-
     if n < 1:
         raise ConfigError(f"--ngram {n} must be at least 1")
     inputs = [Path(p) for p in inputs]

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 
-from phi4.data.chat import ROLES
+from phi4.data.chat import ROLES, message_ids
 from phi4.data.jsonl import checked_records
+from phi4.data.registry import DataFormat, blend_by_weight, register
+from phi4.data.tokenizer import Phi4Tokenizer
 from phi4.errors import ConfigError
 
 FORMS = ("prompt_ids/chosen_ids/rejected_ids", "prompt/chosen/rejected", "prompt/responses[{text, score}]")
@@ -66,8 +69,6 @@ def read_pairs(path: str | Path) -> list[dict]:
 
 def pair_ids(record: dict) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token ids of a checked pair."""
-    from phi4.data.chat import message_ids
-
     if "prompt_ids" in record:
         return record["prompt_ids"], record["chosen_ids"], record["rejected_ids"]
     prompt = record["prompt"]
@@ -97,8 +98,6 @@ class PreferenceDataset:
     """The pairs of one JSONL file (a subset of them: `rows`), each as {"chosen": row, "rejected": row}."""
 
     def __init__(self, path: str | Path, seq_length: int, rows: Optional[range] = None):
-        from phi4.data.tokenizer import Phi4Tokenizer
-
         self.pairs = read_pairs(path)
         self.seq_length, self.pad_id = seq_length, Phi4Tokenizer.pad_id
         self.rows = rows if rows is not None else range(len(self.pairs))
@@ -122,3 +121,22 @@ def collate_pairs(samples: list[dict], micro_batch_size: int) -> list[dict]:
         rows = [s["chosen"] for s in group] + [s["rejected"] for s in group]
         batches.append({k: torch.stack([r[k] for r in rows]) for k in keys})
     return batches
+
+
+@register("preference")
+class PreferenceFormat(DataFormat):
+    """JSONL preference pairs (PTS pairs, full-response and judge-scored pairs): DPO. Lines are
+    checked as they are read."""
+
+    def check(self, data) -> None:
+        if OmegaConf.is_missing(data, "pairs"):
+            raise ConfigError("data.pairs is not set: give the preference JSONL (PTS writes one: "
+                              "<pts run_dir>/pairs.jsonl)")
+
+    def datasets(self, data, sources: list, seq_length: int, train_samples: int, valid_samples: int,
+                 seed: int) -> tuple:
+        return blend_by_weight(sources, lambda s, rows: PreferenceDataset(s.path, seq_length, rows), data.split,
+                               train_samples, valid_samples)
+
+    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str) -> list[dict]:
+        return collate_pairs(samples, micro_batch_size)

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from tqdm import tqdm
 
+from phi4.data.tokenizer import get_tokenizer
 from phi4.errors import ConfigError
 
 _TEXT_KEY = "text"
@@ -56,8 +60,6 @@ def _encode(item: tuple[str, int, bytes]) -> tuple[str, int, int, Optional[list[
 
 
 def _encode_line(line: str) -> tuple[Optional[list[int]], Optional[str]]:
-    from phi4.data.tokenizer import get_tokenizer
-
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -93,11 +95,6 @@ def _lines(paths: Iterable[Path], report: "PreprocessReport", bar) -> Iterator[t
 def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", workers: int = 0,
                progress: bool = True) -> PreprocessReport:
     """Tokenize `inputs` into `<output_prefix>.bin` and `.idx`. `workers=0` uses every core."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    import torch
-    from tqdm import tqdm
-
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"phi4-data preprocess: input file(s) not found: {', '.join(missing)}")

@@ -17,10 +17,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
 from omegaconf import DictConfig
 
+from phi4.data.jsonl import append_records, part_path, read_part
+from phi4.data.synth import WORD_PROBLEMS, write_synthetic_jsonl
+from phi4.data.tokenizer import get_tokenizer
 from phi4.errors import ConfigError
+from phi4.eval.generate import Decoder
 from phi4.eval.run import EvalReport, EvalSettings, evaluate, write_generations
+from phi4.eval.tasks import check_template, load_items
+from phi4.runtime import device
 
 log = logging.getLogger("phi4.eval")
 
@@ -34,8 +41,6 @@ def eval_settings(ev: DictConfig, seed: int) -> EvalSettings:
 
 def check_eval(ev: DictConfig, cp: int, seed: int = 0) -> EvalSettings:
     """The settings, checked before any process group or model exists."""
-    from phi4.eval.tasks import check_template
-
     if cp != 1:
         raise ConfigError(f"generative evaluation needs topology.cp=1 (the decoder does not split sequences over "
                           f"context-parallel ranks), not {cp}: set eval.every=0 here and run phi4-eval on the "
@@ -53,8 +58,6 @@ def check_eval(ev: DictConfig, cp: int, seed: int = 0) -> EvalSettings:
 
 def task_files(ev: DictConfig, run_dir: Path, rank: int) -> list[Path]:
     """The configured files, and the held-out synthetic split (written by rank 0 if missing)."""
-    from phi4.data.synth import WORD_PROBLEMS, write_synthetic_jsonl
-
     paths = [Path(p) for p in ev.tasks]
     if ev.synthetic:
         s = ev.synthetic
@@ -68,8 +71,6 @@ def task_files(ev: DictConfig, run_dir: Path, rank: int) -> list[Path]:
 
 
 def _gather_data_parallel(rows: list) -> list:
-    from megatron.core import parallel_state
-
     group = parallel_state.get_data_parallel_group()
     parts: list = [None] * torch.distributed.get_world_size(group)
     torch.distributed.all_gather_object(parts, rows, group=group)
@@ -82,19 +83,13 @@ class Evaluator:
     def __init__(self, ev: DictConfig, chunks: list, max_positions: int, vocab_size: int, run_dir: Path,
                  seed: int):
         """`ev` checked by `check_eval` first (the entry points do, before any process group)."""
-        from megatron.core import parallel_state
-
-        from phi4.data.tokenizer import get_tokenizer
-        from phi4.eval.generate import Decoder
-        from phi4.eval.tasks import load_items
-
         self.settings = eval_settings(ev, seed)
         self.chunks = chunks
         paths = task_files(ev, Path(run_dir), torch.distributed.get_rank())
         self.items = load_items(paths, str(ev.template), str(ev.checker), max_positions, self.settings.max_new_tokens)
         self.tok = get_tokenizer()
         self.stop_ids = {self.tok.eos_id, self.tok.eod_id}
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device.current().type
         self.decoder = Decoder(chunks, vocab_size, self.stop_ids, self.device)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
@@ -121,10 +116,6 @@ class Evaluator:
     def _resume(self, parts: Path, fingerprint: dict):
         """(earlier generations of this data-parallel rank, its part file open for appending on the
         first rank of each model-parallel group, else None): that rank writes, every rank reads."""
-        from megatron.core import parallel_state
-
-        from phi4.data.jsonl import part_path, read_part
-
         saved = parts / "eval.json"
         if torch.distributed.get_rank() == 0 and not saved.exists():
             parts.mkdir(parents=True, exist_ok=True)
@@ -144,8 +135,6 @@ class Evaluator:
     def run(self, parts: Optional[Path] = None, checkpoint: str = "", should_stop=None) -> EvalReport:
         """Evaluate the chunks as they are now. With `parts` (phi4-eval), every answered batch is
         appended to this rank's part file there, and a rerun skips what it holds."""
-        from phi4.data.jsonl import append_records
-
         done, part = self._resume(parts, self.fingerprint(checkpoint)) if parts is not None else ((), None)
         record = None if part is None else lambda records: append_records(part, records)
         modes = [chunk.training for chunk in self.chunks]

@@ -16,18 +16,21 @@ broadcasts its choice: right on every layout, slower for long answers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterable, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from phi4.posttrain.sampling import top_p_filter
+from phi4.eval.sampling import top_p_filter
+from phi4.model.build import unwrap
+from phi4.model.schedule import run_schedule
 
 
 def _full_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[batch, vocab] fp32 logits from a tensor-parallel shard of the (padded) vocabulary."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
     return logits[..., :vocab_size].float()
@@ -37,8 +40,6 @@ class _CachedSteps:
     """Prefill once into the KV cache, then one position per call."""
 
     def __init__(self, net, batch: int, max_length: int, vocab_size: int):
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         self.net, self.vocab_size = net, vocab_size
         self.context = StaticInferenceContext(batch, max_length)
 
@@ -63,8 +64,6 @@ class _FullForwardSteps:
         self.chunks, self.vocab_size, self.pad_to = chunks, vocab_size, pad_to
 
     def first(self, prefix: torch.Tensor) -> Optional[torch.Tensor]:
-        from phi4.train.step import run_schedule
-
         length = prefix.shape[1]
         padded = -(-length // self.pad_to) * self.pad_to  # sequence parallelism splits the sequence over TP
         tokens = torch.nn.functional.pad(prefix, (0, padded - length))
@@ -92,8 +91,6 @@ def decoding_topology(topology):
     """The layout a decoding-only job (phi4-eval, phi4-pts) builds its model in: the given one
     without sequence parallelism, which only saves activation memory in training and would cost
     the KV cache (a one-token step cannot be split over the tensor-parallel ranks)."""
-    import dataclasses
-
     return dataclasses.replace(topology, sp=False) if topology.sp else topology
 
 
@@ -103,10 +100,6 @@ class Decoder:
     tokens; for sampling, give each the same seeded generator."""
 
     def __init__(self, chunks: list, vocab_size: int, stop_ids: Iterable[int], device: str | torch.device = "cpu"):
-        from megatron.core import parallel_state
-
-        from phi4.model.build import unwrap
-
         self.chunks, self.vocab_size, self.device = chunks, vocab_size, device
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
@@ -126,7 +119,6 @@ class Decoder:
         else:
             chosen = torch.empty(batch, dtype=torch.long, device=self.device)
         if self.pipeline:  # the last stage chose; the stages before it feed the next step
-            from megatron.core import parallel_state
 
             torch.distributed.broadcast(chosen, parallel_state.get_pipeline_model_parallel_last_rank(),
                                         group=parallel_state.get_pipeline_model_parallel_group())

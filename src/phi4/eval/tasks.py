@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi4.data.chat import message_ids
+from phi4.data.jsonl import checked_records
+from phi4.data.tokenizer import get_tokenizer
 from phi4.errors import ConfigError
 from phi4.eval.checkers import CHECKERS, Checker, load_checker
 
@@ -28,9 +31,6 @@ class EvalItem:
 
 def render(template: str, prompt: str) -> list[int]:
     """The prompt's token ids under the template; the prompt's own text never becomes a special token."""
-    from phi4.data.chat import message_ids
-    from phi4.data.tokenizer import get_tokenizer
-
     if template == "chat":
         header, body = message_ids("user", prompt)
         return header + body + message_ids("assistant", "")[0]
@@ -49,8 +49,6 @@ def load_items(paths: list[Path], template: str, default_checker: str, max_lengt
                max_new_tokens: int = 0) -> list[EvalItem]:
     """Every problem of the files, in order; a bad line, an unknown checker or a prompt that leaves
     no room for `max_new_tokens` within `max_length` positions stops with its file and line."""
-    from phi4.data.jsonl import checked_records
-
     check_template(template)
     checkers: dict[str, Checker] = {}
     items = []

@@ -11,9 +11,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.spec import phi4_block_spec
 from phi4.model.validate import check_run
+from phi4.runtime import device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,11 +52,9 @@ def _recompute_settings(recompute: str) -> dict:
 def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig):
     """Megatron-Core's TransformerConfig for Phi-4: RMSNorm, SwiGLU, no biases, GQA, dropout as
     configured (0 for Phi-4), init std 0.02, loss summed per token (averaged by the loop)."""
-    from megatron.core.transformer import TransformerConfig
-
     check_run(model, topology, precision)
     dtype = _DTYPES[precision.dtype]
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = device.kind() == "cpu"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -105,11 +109,6 @@ def build_phi4_model(
 
     Needs Megatron-Core's parallel state (phi4.runtime.distributed.init_distributed) first.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    from phi4.model.spec import phi4_block_spec
-
     config = config or transformer_config(model, topology, precision)
     vocab = model.padded_vocab_size(topology.tp)
     stages = topology.vp or 1
@@ -132,8 +131,9 @@ def build_phi4_model(
         chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
         if chunk.post_process:
             mask_padded_vocab(chunk.output_layer, model.vocab_size, vocab)
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
+        on = device.current()
+        if on.is_cuda:
+            chunk.cuda(on.index)
         chunks.append(chunk)
     return chunks
 
@@ -147,7 +147,6 @@ def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, padded_voc
     full width, whichever the output layer returns."""
     if padded_vocab == vocab_size:
         return
-    from megatron.core import parallel_state
 
     local = padded_vocab // parallel_state.get_tensor_model_parallel_world_size()
     start = parallel_state.get_tensor_model_parallel_rank() * local
@@ -165,8 +164,6 @@ def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, padded_voc
 
 
 def _encoder_or_decoder():
-    from megatron.core.enums import ModelType
-
     return ModelType.encoder_or_decoder
 
 

@@ -7,22 +7,11 @@ not a silently ignored setting.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from phi4.errors import ConfigError
-
-
-def _from_dict(cls, group: str, values: Mapping[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"{group}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-        )
-    return cls(**dict(values))
+from phi4.errors import settings_from_dict
 
 
 @dataclass(frozen=True)
@@ -47,7 +36,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, "model", values)
+        return settings_from_dict(cls, "model", values)
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +78,7 @@ class TopologyConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TopologyConfig":
-        return _from_dict(cls, "topology", values)
+        return settings_from_dict(cls, "topology", values)
 
     @property
     def model_parallel_size(self) -> int:
@@ -114,7 +103,7 @@ class FP8Config:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "FP8Config":
-        return _from_dict(cls, "precision.fp8", values)
+        return settings_from_dict(cls, "precision.fp8", values)
 
 
 @dataclass(frozen=True)
@@ -129,4 +118,4 @@ class PrecisionConfig:
         values = dict(values)
         if values.get("fp8") is not None and not isinstance(values["fp8"], FP8Config):
             values["fp8"] = FP8Config.from_dict(values["fp8"])
-        return _from_dict(cls, "precision", values)
+        return settings_from_dict(cls, "precision", values)

@@ -19,8 +19,10 @@ import re
 from typing import Callable, Mapping, Optional
 
 import torch
+from megatron.core import parallel_state
 
 from phi4.errors import ConfigError
+from phi4.model.build import unwrap
 from phi4.model.config import ModelConfig
 
 
@@ -111,10 +113,6 @@ def load_hf_weights(chunks: list, hf_state: Mapping[str, torch.Tensor], model: M
 
     Returns the number of parameters copied. A shape that does not match is a ConfigError naming
     both tensors."""
-    from megatron.core import parallel_state
-
-    from phi4.model.build import unwrap
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     copied = 0

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from functools import partial
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from phi4.errors import ConfigError
 from phi4.model.norm import RMSNorm
@@ -34,9 +36,6 @@ LOCAL_TO_TE_NORM_KEYS = {
 
 
 def _local_modules():
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
     return dict(
         input_norm=RMSNorm,
         qkv=ColumnParallelLinear,
@@ -50,14 +49,14 @@ def _local_modules():
 
 
 def _te_modules():
-    try:
-        from megatron.core.extensions.transformer_engine import (
+    try:  # Transformer Engine is optional (the te backend, GPUs only): imported when asked for
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions.transformer_engine import (  # lazy: optional Transformer Engine
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,
             TENorm,
             TERowParallelLinear,
         )
-        import transformer_engine  # noqa: F401
     except ImportError as err:
         raise ConfigError(
             f"model.backend=te needs Transformer Engine, which cannot be imported here ({err}); "

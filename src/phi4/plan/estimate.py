@@ -23,8 +23,8 @@ from typing import Optional
 
 from phi4.model.flops import flops_per_token, forward_flops_per_token
 from phi4.plan import memory
-from phi4.plan.hardware import HardwareConfig
 from phi4.plan.spec import PlanSpec
+from phi4.runtime.hardware import HardwareConfig
 
 _TP_UNITS = 8
 _TP_UNITS_RECOMPUTE = 4

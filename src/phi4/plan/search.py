@@ -15,8 +15,8 @@ from typing import Iterable, Optional
 from phi4.errors import ConfigError
 from phi4.model.validate import check_run, valid_tp_sizes
 from phi4.plan.estimate import estimate
-from phi4.plan.hardware import HardwareConfig
 from phi4.plan.spec import PlanSpec
+from phi4.runtime.hardware import HardwareConfig
 
 
 def _divisors(n: int) -> list[int]:

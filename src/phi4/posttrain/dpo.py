@@ -14,9 +14,18 @@ number of pairs, so gradients and the reported loss are means per pair over the 
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+
+from phi4.checkpoint.weights import load_model_weights
+from phi4.errors import ConfigError
+from phi4.model.build import build_phi4_model
+from phi4.model.schedule import run_schedule
+from phi4.train.objective import Objective, register
+from phi4.train.step import train_step
 
 # What the DPO step reports, summed over pairs (then divided by the pair count).
 REPORT = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
@@ -57,10 +66,6 @@ def _reference_step(data_iterator, model):
 def attach_reference_logps(reference_chunks: list, micro_batches: list[dict]) -> list[dict]:
     """Each micro-batch with `ref_logps` [2k] from the reference model (on the last pipeline
     stage, where the DPO loss is computed; elsewhere the batch is returned unchanged)."""
-    from megatron.core import parallel_state
-
-    from phi4.train.step import run_schedule
-
     outputs = run_schedule(_reference_step, reference_chunks, micro_batches, forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return micro_batches
@@ -86,10 +91,8 @@ def dpo_forward_step(beta: float):
     return step
 
 
-def reduce_report(reports: list[dict]):
+def reduce_report(reports: list[dict]) -> Optional[dict]:
     """{name: mean per pair} over the micro-batches and data-parallel ranks (last stage; else None)."""
-    from megatron.core import parallel_state
-
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     total = torch.stack([r["dpo"] for r in reports]).sum(0)
@@ -98,30 +101,57 @@ def reduce_report(reports: list[dict]):
     return {name: total[i].item() / pairs for i, name in enumerate(REPORT)}
 
 
-class DirectPreference:
-    """The DPO objective for the training loop: the frozen reference (same layout as the policy)
-    scores each micro-batch first, then the policy steps on the DPO loss."""
+def freeze(reference_chunks: list) -> list:
+    for chunk in reference_chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return reference_chunks
 
-    def __init__(self, reference_chunks: list, beta: float):
-        self.reference, self.beta = reference_chunks, beta
-        for chunk in reference_chunks:
-            chunk.eval()
-            chunk.requires_grad_(False)
+
+@torch.no_grad()
+def evaluate_preferences(reference_chunks: list, beta: float, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
+    """The DPO figures of the policy `chunks` on the micro-batches, without a backward pass."""
+    micro_batches = attach_reference_logps(reference_chunks, micro_batches)
+    return reduce_report(run_schedule(dpo_forward_step(beta), chunks, micro_batches, forward_only=True))
+
+
+@register("dpo")
+class DirectPreference(Objective):
+    """The DPO objective: the frozen reference, built in the policy's layout from `dpo.reference`
+    (default: the checkpoint the policy starts from), scores each micro-batch first, then the
+    policy steps on the DPO loss."""
+
+    formats = ("preference",)
+
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.get("dpo") is None:
+            raise ConfigError("train.objective=dpo needs the dpo settings (beta, reference): use stage=dpo")
+        if not (cfg.dpo.reference or cfg.checkpoint.load):
+            raise ConfigError("train.objective=dpo needs a reference model: set dpo.reference or checkpoint.load "
+                              "(the SFT checkpoint)")
+
+    def start_points(self) -> list[tuple[str, str]]:
+        if self.cfg.dpo.reference:
+            return [("dpo.reference", self.cfg.dpo.reference)]
+        return [("checkpoint.load", self.cfg.checkpoint.load)]
+
+    def build(self, trainer) -> None:
+        reference = build_phi4_model(trainer.model, trainer.topology, trainer.precision, config=trainer.config)
+        load_model_weights(reference, self.start_points()[0][1])
+        self.reference, self.beta = freeze(reference), float(self.cfg.dpo.beta)
 
     def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
-        from phi4.train.step import train_step
-
         micro_batches = attach_reference_logps(self.reference, micro_batches)
         return train_step(ddp_chunks, optimizer, micro_batches, dpo_forward_step(self.beta), reduce_report)
 
-    @torch.no_grad()
-    def evaluate(self, chunks: list, micro_batches: list[dict]):
-        from phi4.train.step import run_schedule
+    def evaluate(self, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
+        return evaluate_preferences(self.reference, self.beta, chunks, micro_batches)
 
-        micro_batches = attach_reference_logps(self.reference, micro_batches)
-        return reduce_report(run_schedule(dpo_forward_step(self.beta), chunks, micro_batches, forward_only=True))
-
-    @staticmethod
-    def describe(r: dict) -> str:
+    def describe(self, r: dict) -> str:
         return (f"reward acc {r['reward_accuracy']:.3f} | margin {r['reward_margin']:+.4f} | "
                 f"logp chosen {r['chosen_logp']:.3f} rejected {r['rejected_logp']:.3f}")
+
+    def throughput(self, tokens_per_step: int, flops_per_token: float) -> tuple[int, float]:
+        # a pair is two rows, and the reference's forward adds a third of a step's FLOPs
+        return 2 * tokens_per_step, flops_per_token * 4 / 3

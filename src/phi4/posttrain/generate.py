@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phi4.posttrain.sampling import token_logprobs
+from phi4.eval.generate import Decoder
+from phi4.eval.sampling import token_logprobs
+from phi4.model.schedule import logits_of_tokens
 
 
 @dataclass
@@ -28,14 +30,10 @@ class MegatronPolicy:
     decoder: object = field(init=False, repr=False)
 
     def __post_init__(self):
-        from phi4.eval.generate import Decoder
-
         self.decoder = Decoder(self.chunks, self.vocab_size, [self.eos_id], self.device)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, seq, vocab] logits of a full forward (no cache)."""
-        from phi4.train.step import logits_of_tokens
-
         return logits_of_tokens(self.chunks, tokens.to(self.device))[..., : self.vocab_size].float()
 
     def sample(self, prefix_ids: list[int], n: int) -> list[list[int]]:

@@ -25,8 +25,8 @@ from phi4.errors import ConfigError
 STAGES = ("pretrain", "midtrain", "sft", "pts", "dpo")
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: jobs run here
 CONF = Path(conf_dir()) / "cluster"
-TRAIN = ["-m", "phi4.train.main"]
-PTS = ["-m", "phi4.posttrain.pts_cli"]
+TRAIN = ["-m", "phi4.cli.train"]
+PTS = ["-m", "phi4.cli.pts"]
 PER_STAGE = ("tasks_per_node", "cpus_per_task", "time_limit", "signal_seconds")  # cluster values a stage may override
 
 

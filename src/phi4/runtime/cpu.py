@@ -13,6 +13,8 @@ import contextlib
 import logging
 
 import torch
+from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
 
 from phi4.runtime import signals
@@ -193,7 +195,6 @@ def activate() -> None:
 
     # Import Megatron-Core (and through it torch.compile's rule tables) before anything in
     # torch.cuda is replaced, so those tables record the real functions.
-    from megatron.core.tensor_parallel import random as mcore_random
 
     cuda = torch.cuda
     cuda.current_device = _returns(0)
@@ -233,7 +234,6 @@ def activate() -> None:
     # at a process's first save: a new interpreter re-importing the entry module, about 1.7 s of
     # every training process (the tiny model's first save: 4.2 s -> 2.5 s). Spawn guards CUDA, absent here:
     # start that Manager by fork instead (the function caches it for the process).
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
     signals.end_children_with_this_process()  # the entry points did already; in-process users too
     get_write_results_queue("fork")

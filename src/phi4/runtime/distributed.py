@@ -1,7 +1,8 @@
 """Start the process group and Megatron-Core's parallel state, and seed every generator.
 
-nccl where CUDA exists, gloo (with the CPU backend) where it does not. The layout is checked
-against the model before any process group exists.
+The device (phi4.runtime.device) picks the backend: nccl on a GPU, gloo with the CPU backend
+where CUDA is absent. The layout (`tp`, `pp`, `vp`, `cp` of a TopologyConfig) is checked against
+the model by the caller, before any process group exists (phi4.model.validate.check_run).
 """
 
 from __future__ import annotations
@@ -11,39 +12,23 @@ import random
 from datetime import timedelta
 from typing import Optional
 
+import numpy
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-from phi4.model.validate import check_device, check_run
+from phi4.runtime import device
 from phi4.runtime.launch_env import LaunchEnv, read_launch_env
 
 log = logging.getLogger(__name__)
 
 
-def init_distributed(
-    model: ModelConfig,
-    topology: TopologyConfig,
-    precision: PrecisionConfig,
-    seed: int = 1234,
-    launch: Optional[LaunchEnv] = None,
-    timeout_s: float = 600.0,
-) -> LaunchEnv:
-    """Validate, start torch.distributed (if not started), build Megatron-Core's parallel groups
-    for `topology`, and seed. Returns who this process is."""
+def init_distributed(topology, seed: int = 1234, launch: Optional[LaunchEnv] = None,
+                     timeout_s: float = 600.0) -> LaunchEnv:
+    """Choose the device, start torch.distributed (if not started) with its backend, build
+    Megatron-Core's parallel groups for `topology`, and seed. Returns who this process is."""
     launch = launch or read_launch_env()
-    check_run(model, topology, precision, launch.world_size)
-
-    if not torch.cuda.is_available():
-        from phi4.runtime import cpu
-
-        cpu.activate()
-        backend = "gloo"
-    else:
-        check_device(precision, torch.cuda.get_device_capability(launch.local_rank),
-                     torch.cuda.get_device_name(launch.local_rank))
-        torch.cuda.set_device(launch.local_rank)
-        backend = "nccl"
-
+    backend = device.select(launch.local_rank).backend
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend=backend,
@@ -57,10 +42,8 @@ def init_distributed(
     return launch
 
 
-def set_parallel_layout(topology: TopologyConfig) -> None:
+def set_parallel_layout(topology) -> None:
     """(Re)build Megatron-Core's tensor/pipeline/virtual/context/data parallel groups."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -74,24 +57,14 @@ def set_parallel_layout(topology: TopologyConfig) -> None:
 def seed_all(seed: int) -> None:
     """Python, NumPy and torch generators, and Megatron-Core's model-parallel RNG tracker
     (same across data-parallel replicas, distinct per tensor-parallel rank)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     offset = 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed + offset)
-    try:
-        import numpy
-
-        numpy.random.seed(seed + offset)
-    except ImportError:
-        pass
+    numpy.random.seed(seed + offset)
     torch.manual_seed(seed + offset)
     model_parallel_cuda_manual_seed(seed + offset)
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

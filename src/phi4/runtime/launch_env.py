@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -82,8 +83,6 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
 
 def free_port() -> int:
     """A TCP port on this host that nothing listens on now."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -13,6 +13,9 @@ its forked writer would otherwise live on as orphans.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import multiprocessing.util
 import signal
 from typing import Optional
 
@@ -27,8 +30,6 @@ def _record(signum, frame) -> None:
 def _die_with_parent(_=None) -> None:
     """Linux's PR_SET_PDEATHSIG: SIGKILL this process when the one that started it ends
     (elsewhere nothing)."""
-    import ctypes
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -38,8 +39,6 @@ def _die_with_parent(_=None) -> None:
 def end_children_with_this_process() -> None:
     """Every process multiprocessing forks from here ends with this one (spawned children: see
     `install()`)."""
-    import multiprocessing.util
-
     multiprocessing.util.register_after_fork(_die_with_parent, _die_with_parent)
 
 
@@ -47,8 +46,6 @@ def install() -> None:
     """Record SIGTERM/SIGUSR1 in this process, unless it is a multiprocessing child: a spawned
     worker re-imports the entry module, and one that ignored SIGTERM would hang its pool's
     terminate() (the tokenizer pool of the corpus generation did). Children end with their parent."""
-    import multiprocessing
-
     end_children_with_this_process()
     if multiprocessing.current_process().name != "MainProcess":
         # A spawned child re-importing the entry module (multiprocessing runs no after-fork hooks

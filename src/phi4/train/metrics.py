@@ -9,31 +9,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
+from phi4.runtime import device
 
 log = logging.getLogger("phi4.train")
-
-# Dense BF16 peak TFLOP/s by device name (FP8 doubles it).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-
-
-def device_peak_tflops(configured: Optional[float]) -> Optional[float]:
-    if configured:
-        return float(configured)
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def memory_gb() -> float:
-    """Peak GPU memory allocated, or the process's resident memory on the CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
 
 
 class MetricsWriter:
@@ -84,7 +62,7 @@ class StepLog:
             scores = {k: v for k, v in result.items() if k not in ("loss", "grad_norm", "update_successful")}
             record = dict(step=step, loss=result["loss"], lr=lr, grad_norm=result["grad_norm"],
                           tokens_per_s=tokens_per_s, tflops_per_gpu=tflops,
-                          mfu=tflops / self.peak if self.peak else None, memory_gb=memory_gb(),
+                          mfu=tflops / self.peak if self.peak else None, memory_gb=device.current().memory_gb(),
                           skipped_steps=skipped, **scores)
             mfu = f"{100 * record['mfu']:.1f}%" if self.peak else "n/a"
             described = describe(result)

@@ -21,30 +21,30 @@ signals.install()  # first: a stop signal during the slow imports below must not
 
 import hydra
 import torch
+from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf
 
 import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
 from phi4 import conf_dir
+from phi4.checkpoint.pointers import resolve_checkpoint
+from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights
 from phi4.errors import ConfigError
+from phi4.eval.evaluator import Evaluator, check_eval, publish
+from phi4.eval.generate import decoding_topology
+from phi4.eval.run import EvalStopped
 from phi4.logs import one_line_config_errors, run_job
+from phi4.model.build import build_phi4_model
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.parallel import init_model_parallel
+from phi4.runtime.distributed import shutdown
+from phi4.runtime.run_dir import RunDirectory
+from phi4.train.metrics import MetricsWriter
 
 CONF_DIR = conf_dir()
 log = logging.getLogger("phi4.eval")
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> int:
-    from megatron.core import parallel_state
-
-    from phi4.eval.evaluator import Evaluator, check_eval, publish
-    from phi4.eval.generate import decoding_topology
-    from phi4.eval.run import EvalStopped
-    from phi4.model.build import build_phi4_model
-    from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-    from phi4.runtime.distributed import init_distributed, shutdown
-    from phi4.runtime.run_dir import RunDirectory
-    from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
-    from phi4.train.metrics import MetricsWriter
-
     phi4.settings.check_ranges(cfg, ("eval",))
     checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint")
     common = checkpoint_common_state(checkpoint)
@@ -53,7 +53,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> int:
     topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
     precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
     check_eval(cfg.eval, topology.cp, cfg.seed)
-    init_distributed(model, topology, precision, seed=cfg.seed)
+    init_model_parallel(model, topology, precision, seed=cfg.seed)
     run_dir = Path(cfg.run_dir)
     with RunDirectory(run_dir, torch.distributed.get_rank()) as run_files:  # a failed start leaves run_dir as it was
         run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

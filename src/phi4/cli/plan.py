@@ -15,8 +15,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import phi4.settings
 from phi4 import conf_dir
 from phi4.errors import ConfigError
+from phi4.logs import config_error_line
+from phi4.plan.estimate import estimate
+from phi4.plan.search import check_layout, search
+from phi4.plan.spec import from_config
+from phi4.runtime.hardware import HardwareConfig
 
 CONF_DIR = Path(conf_dir())
 USAGE = "usage: phi4-plan [--json] [--search] [OVERRIDE ...]   (e.g. topology.tp=4 hardware=h200 plan.mfu=0.25)"
@@ -24,15 +36,6 @@ USAGE = "usage: phi4-plan [--json] [--search] [OVERRIDE ...]   (e.g. topology.tp
 
 def compose(overrides: list[str]) -> dict:
     """The composed config as a plain dict; Hydra's own errors become ConfigError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    import phi4.settings  # noqa: F401  registers the config schemas
-    from phi4.logs import config_error_line
-
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose("plan", overrides=overrides)
@@ -119,11 +122,6 @@ def format_search(result: dict, top: int, show_rejected: bool) -> str:
 
 
 def run(argv: list[str]) -> int:
-    from phi4.plan.estimate import estimate
-    from phi4.plan.hardware import HardwareConfig
-    from phi4.plan.search import check_layout, search
-    from phi4.plan.spec import from_config
-
     flags = [a for a in argv if a.startswith("--")]
     overrides = [a for a in argv if not a.startswith("--")]
     unknown = sorted(set(flags) - {"--json", "--search", "--help"})

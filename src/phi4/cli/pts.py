@@ -19,12 +19,29 @@ signals.install()  # first: a stop signal during the slow imports below must not
 
 import hydra
 import torch
+from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf
 
 import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
 from phi4 import conf_dir
+from phi4.checkpoint.pointers import resolve_checkpoint
+from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights
+from phi4.data.chat import message_ids
+from phi4.data.jsonl import checked_records
+from phi4.data.synth import write_synthetic_jsonl
+from phi4.data.tokenizer import get_tokenizer
 from phi4.errors import ConfigError
+from phi4.eval.generate import decoding_topology
 from phi4.logs import one_line_config_errors, run_job
+from phi4.model.build import build_phi4_model
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.parallel import init_model_parallel
+from phi4.posttrain.generate import MegatronPolicy
+from phi4.posttrain.pts import PTSSettings, load_checker
+from phi4.posttrain.pts_run import merge_parts, run_pts
+from phi4.runtime import device
+from phi4.runtime.distributed import shutdown
+from phi4.runtime.run_dir import RunDirectory
 
 CONF_DIR = conf_dir()
 log = logging.getLogger("phi4.pts")
@@ -35,9 +52,6 @@ class Stopped(Exception):
 
 
 def _problems(cfg: DictConfig, rank: int) -> list[dict]:
-    from phi4.data.jsonl import checked_records
-    from phi4.data.synth import write_synthetic_jsonl
-
     p = cfg.pts
     path = Path(p.problems) if p.problems else Path(cfg.run_dir) / "problems.jsonl"
     if not p.problems and rank == 0 and not path.exists():
@@ -56,21 +70,6 @@ def _problems(cfg: DictConfig, rank: int) -> list[dict]:
 
 def search(cfg: DictConfig) -> int:
     """Run (or resume) the search; returns the process exit code."""
-    from megatron.core import parallel_state
-
-    from phi4.data.chat import message_ids
-    from phi4.data.tokenizer import get_tokenizer
-    from phi4.eval.generate import decoding_topology
-    from phi4.model.build import build_phi4_model
-    from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-    from phi4.posttrain.generate import MegatronPolicy
-    from phi4.posttrain.pts import PTSSettings, load_checker
-    from phi4.posttrain.pts_run import merge_parts, run_pts
-    from phi4.runtime.distributed import init_distributed, shutdown
-    from phi4.runtime.run_dir import RunDirectory
-    from phi4.train.checkpoint import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights, resolve_checkpoint
-    from phi4.train.loop import StopRequest
-
     phi4.settings.check_ranges(cfg, ("pts",))
     p = cfg.pts
     checkpoint = resolve_checkpoint(p.checkpoint, "pts.checkpoint")
@@ -84,8 +83,7 @@ def search(cfg: DictConfig) -> int:
     settings = PTSSettings(samples=p.samples, p_gap=p.p_gap, p_min=p.p_min, p_max=p.p_max,
                            max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=cfg.seed)
     checker = load_checker(p.checker, "pts.checker")
-    init_distributed(model, topology, precision, seed=cfg.seed)
-    stop = StopRequest()
+    init_model_parallel(model, topology, precision, seed=cfg.seed)
     rank = torch.distributed.get_rank()
     run_dir = Path(cfg.run_dir)
     with RunDirectory(run_dir, rank) as run_files:  # a failed start leaves run_dir as it was
@@ -96,9 +94,9 @@ def search(cfg: DictConfig) -> int:
     for chunk in chunks:
         chunk.eval()
     tok = get_tokenizer()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on = device.current().type
     policy = MegatronPolicy(chunks, model.vocab_size, tok.eos_id, settings.max_new_tokens, settings.temperature,
-                            settings.top_p, torch.Generator(device=device), device)
+                            settings.top_p, torch.Generator(device=on), on)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
     parts = run_dir / ("parts" if writer else f"parts-tp{parallel_state.get_tensor_model_parallel_rank()}")
@@ -114,7 +112,7 @@ def search(cfg: DictConfig) -> int:
         if rank == 0:
             log.info(f"pts: {state.done}/{state.total} problems on rank 0 | kept {state.kept_rate:.0%} | "
                      f"{state.pairs} pairs")
-        flag = torch.tensor([1.0 if stop.signal else 0.0], device=policy.device)
+        flag = torch.tensor([1.0 if signals.received() else 0.0], device=policy.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
                                      group=parallel_state.get_tensor_model_parallel_group())
         if flag.item() and state.done < state.total:
@@ -126,7 +124,7 @@ def search(cfg: DictConfig) -> int:
     try:
         run_pts(problems, policy, checker, query_ids, tok.decode, settings, parts, dp_rank, dp, progress, tok.eos_id)
     except Stopped:
-        log.info(f"rank {rank}: stopping ({stop.signal}) between problems; exit 75 to resume")
+        log.info(f"rank {rank}: stopping ({signals.received()}) between problems; exit 75 to resume")
         shutdown()
         return 75
     torch.distributed.barrier()

@@ -19,7 +19,11 @@ import pathlib
 import pickle
 from pathlib import Path
 
+import numpy
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from phi4.errors import ConfigError
 
@@ -75,8 +79,6 @@ def read_metadata(directory: Path):
 
 def _numpy_globals() -> list:
     """What a numpy array pickles as (the RNG states hold numpy's), admitted beside weights_only's own."""
-    import numpy
-
     reconstruct = getattr(getattr(numpy, "_core", numpy.core), "multiarray")._reconstruct
     dtypes = [type(numpy.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "bool")]
     return [numpy.ndarray, numpy.dtype, reconstruct, *dtypes]
@@ -84,9 +86,6 @@ def _numpy_globals() -> list:
 
 def _raw_items(directory: Path, keys: list[str]) -> dict[str, bytes]:
     """The stored bytes of the non-tensor items, not unpickled."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
     class RawBytes(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
             self.state_dict[read_item.dest_index.fqn] = value.getvalue()
@@ -108,8 +107,6 @@ def _contents(directory: Path) -> tuple:
 def check_checkpoint(directory: Path):
     """The checkpoint's metadata, after refusing with one line a checkpoint whose metadata or
     non-tensor items name anything that could run code; tensors are raw bytes and need no check."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     directory = Path(directory).resolve()
     metadata = read_metadata(directory)
     contents = _contents(directory)

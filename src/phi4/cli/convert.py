@@ -18,8 +18,12 @@ from pathlib import Path
 import torch
 
 from phi4 import conf_dir
+from phi4.convert.convert import hf_to_mcore, mcore_to_hf
+from phi4.convert.verify import max_logit_difference
 from phi4.errors import ConfigError
 from phi4.logs import quiet_dependencies
+from phi4.model.config import ModelConfig
+from phi4.settings import load_group
 
 CONF_MODEL_DIR = Path(conf_dir()) / "model"
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -28,8 +32,6 @@ DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 def _load_model_config(spec: str | None):
     if spec is None:
         return None
-    from phi4.model.config import ModelConfig
-    from phi4.settings import load_group
 
     path = Path(spec)
     if not path.exists():
@@ -72,14 +74,11 @@ class VerificationFailed(Exception):
 
 def run(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from phi4.convert.convert import hf_to_mcore, mcore_to_hf
 
     model = _load_model_config(args.model)
     to_mcore = args.command == "hf-to-mcore"
 
     def verify(model, written: Path) -> None:
-        from phi4.convert.verify import max_logit_difference
-
         hf_dir, ckpt_dir = (args.source, written) if to_mcore else (written, args.source)
         diff, scale = max_logit_difference(hf_dir, ckpt_dir, model)
         verdict = "ok" if diff <= args.tolerance else "FAILED"

@@ -1,4 +1,4 @@
-"""`phi4-train`: the Hydra entry point (launch/train.py is the same). All logic is in loop.py.
+"""`phi4-train`: the Hydra entry point (launch/train.py is the same); the job is phi4.cli.train_job.
 
 Run under torchrun or srun for several processes, or alone for one. With no arguments it trains
 the tiny model on the bundled synthetic corpus: the embedded default.
@@ -27,7 +27,8 @@ log = logging.getLogger("phi4.train")
 @one_line_config_errors
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    from phi4.train.loop import TrainingStopped, train
+    # dist_checkpointing's spawned writer re-imports this module, and needs none of the training stack
+    from phi4.cli.train_job import TrainingStopped, train  # lazy: kept out of the spawned writer's start-up
 
     # a setting that cannot work: 2; too many non-finite steps: 3 (each one clear line)
     run_job(train, cfg, log, {ConfigError: 2, TrainingStopped: 3})

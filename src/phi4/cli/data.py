@@ -13,6 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from phi4.data.chat import pack_chat
+from phi4.data.decontaminate import EVAL_KEYS, decontaminate
+from phi4.data.preprocess import preprocess
+from phi4.data.synth import KINDS, WORD_PROBLEMS, write_synthetic_jsonl
 from phi4.errors import ConfigError
 from phi4.logs import quiet_dependencies
 
@@ -25,8 +29,6 @@ def _report_bad_lines(prefix: Path, bad_lines: list[str]) -> None:
 
 
 def _decontaminate(args) -> None:
-    from phi4.data.decontaminate import EVAL_KEYS, decontaminate
-
     report = decontaminate(args.input, args.eval, args.output_dir, args.ngram, args.text_key,
                            args.eval_keys or EVAL_KEYS, args.removed, args.workers, not args.no_progress)
     for e in report.eval_sets:
@@ -83,8 +85,6 @@ def main(argv=None) -> None:
     quiet_dependencies()
     try:
         if args.command == "synth":
-            from phi4.data.synth import KINDS, WORD_PROBLEMS, write_synthetic_jsonl
-
             unknown = sorted(set(args.kinds or ()) - set(KINDS))
             if unknown:
                 raise ConfigError(f"--kinds {' '.join(unknown)}: valid kinds are {', '.join(KINDS)}")
@@ -94,8 +94,6 @@ def main(argv=None) -> None:
                 raise ConfigError(f"--split {args.split}: {err}") from err
             print(f"wrote {args.count} problems ({args.split} split) to {args.out}")
         elif args.command == "chat":
-            from phi4.data.chat import pack_chat
-
             report = pack_chat(args.input, args.output_prefix, args.seq_length)
             print(f"wrote {args.output_prefix}.bin/.idx (+ loss mask): {report.conversations} conversations in "
                   f"{report.packs} rows of {args.seq_length + 1} tokens ({report.fill:.0%} filled, "
@@ -104,8 +102,6 @@ def main(argv=None) -> None:
         elif args.command == "decontaminate":
             _decontaminate(args)
         else:
-            from phi4.data.preprocess import preprocess
-
             report = preprocess(args.input, args.output_prefix, args.text_key, args.workers, not args.no_progress)
             blank = f", {report.blank_lines} blank lines skipped" if report.blank_lines else ""
             print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens{blank}")

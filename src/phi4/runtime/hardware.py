@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from phi4.errors import ConfigError
-from phi4.model.config import _from_dict
+from phi4.errors import ConfigError, settings_from_dict
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class HardwareConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "HardwareConfig":
-        hardware = _from_dict(cls, "hardware", values)
+        hardware = settings_from_dict(cls, "hardware", values)
         for name in ("memory_gb", "peak_tflops_bf16", "peak_tflops_fp8", "nvlink_gb_s", "ib_gb_s"):
             if not getattr(hardware, name) > 0:
                 raise ConfigError(f"hardware.{name}={getattr(hardware, name)} must be positive")

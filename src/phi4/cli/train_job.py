@@ -1,0 +1,26 @@
+"""The training job behind `phi4-train`: the callbacks the settings ask for, handed to the Trainer
+with the objectives registered (language modelling by phi4.train, DPO by phi4.posttrain.dpo)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from phi4.eval.callback import GenerativeEvaluation
+from phi4.posttrain import dpo  # noqa: F401  registers train.objective=dpo
+from phi4.train.callbacks import Callback, ValidationLoss
+from phi4.train.stop import TrainingStopped  # noqa: F401  the entry point's exit code 3
+from phi4.train.trainer import Trainer
+
+
+def callbacks(cfg: DictConfig) -> list[Callback]:
+    """Validation loss (train.eval_every), and generative evaluation when eval.every asks for it."""
+    chosen: list[Callback] = [ValidationLoss()]
+    if cfg.get("eval") is not None and cfg.eval.every:
+        chosen.append(GenerativeEvaluation(cfg.eval, cfg.seed))
+    return chosen
+
+
+def train(cfg: DictConfig) -> int:
+    """Run (or resume) the configured training; returns the process exit code."""
+    with Trainer(cfg, callbacks(cfg)) as trainer:
+        return trainer.train()
