@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from phi4.data.chat import pack_chat
 from phi4.data.decontaminate import EVAL_KEYS, decontaminate
-from phi4.data.preprocess import preprocess
 from phi4.data.synth import KINDS, WORD_PROBLEMS, write_synthetic_jsonl
 from phi4.errors import ConfigError
 from phi4.logs import quiet_dependencies
@@ -94,6 +92,8 @@ def main(argv=None) -> None:
                 raise ConfigError(f"--split {args.split}: {err}") from err
             print(f"wrote {args.count} problems ({args.split} split) to {args.out}")
         elif args.command == "chat":
+            from phi4.data.chat import pack_chat  # lazy: torch and Megatron-Core (6 s) only for this command
+
             report = pack_chat(args.input, args.output_prefix, args.seq_length)
             print(f"wrote {args.output_prefix}.bin/.idx (+ loss mask): {report.conversations} conversations in "
                   f"{report.packs} rows of {args.seq_length + 1} tokens ({report.fill:.0%} filled, "
@@ -102,6 +102,8 @@ def main(argv=None) -> None:
         elif args.command == "decontaminate":
             _decontaminate(args)
         else:
+            from phi4.data.preprocess import preprocess  # lazy: torch and Megatron-Core (6 s) only for this command
+
             report = preprocess(args.input, args.output_prefix, args.text_key, args.workers, not args.no_progress)
             blank = f", {report.blank_lines} blank lines skipped" if report.blank_lines else ""
             print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens{blank}")

@@ -12,7 +12,6 @@ when complete; SIGINT or SIGTERM removes them and says how far it got.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import signal
@@ -20,17 +19,15 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import numpy
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
-from phi4.data.tokenizer import get_tokenizer
+from phi4.data.encode_worker import _encode, _init_worker
 from phi4.errors import ConfigError
-
-_TEXT_KEY = "text"
 
 
 @dataclass
@@ -40,38 +37,6 @@ class PreprocessReport:
     bad_lines: list[str] = field(default_factory=list)
     blank_lines: int = 0
     bytes_read: int = 0
-
-
-def _init_worker(text_key: str) -> None:
-    global _TEXT_KEY
-    _TEXT_KEY = text_key
-
-
-def _encode(item: tuple[str, int, bytes]) -> tuple[str, int, int, Optional[list[int]], Optional[str]]:
-    source, line_no, raw = item
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return source, line_no, len(raw), None, f"not valid UTF-8 (byte {err.start} of the line)"
-    try:
-        return (source, line_no, len(raw)) + _encode_line(line)
-    except Exception as err:  # nothing a worker raises may reach the pool: it could hang it
-        return source, line_no, len(raw), None, f"could not be tokenized ({type(err).__name__}: {err})"
-
-
-def _encode_line(line: str) -> tuple[Optional[list[int]], Optional[str]]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        return None, f"not valid JSON ({err.msg} at column {err.colno})"
-    if not isinstance(record, dict):
-        return None, f"a JSON {type(record).__name__}, not an object"
-    text = record.get(_TEXT_KEY)
-    if not isinstance(text, str):
-        return None, f"no string under the key {_TEXT_KEY!r} (keys: {', '.join(sorted(record))[:80]})"
-    tok = get_tokenizer()
-    # Special-token strings in raw text stay text: a document cannot forge an end-of-document.
-    return tok.encode(text, allow_special=False) + [tok.eod_id], None
 
 
 class Interrupted(ConfigError):

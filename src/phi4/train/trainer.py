@@ -25,7 +25,10 @@ from typing import Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator, unset_num_microbatches_calculator
+from megatron.core.num_microbatches_calculator import (
+    init_num_microbatches_calculator,
+    unset_num_microbatches_calculator,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from phi4.checkpoint.pointers import latest_checkpoint, resolve_checkpoint
