@@ -198,6 +198,15 @@ def load_group(group: str, path) -> dict:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}{f' ({group}.{key})' if key else ''}") from err
 
 
+def data_settings(node: DictConfig) -> Data:
+    """The data group, typed (after its format's own checks); `data.pairs`, left `???` where no
+    preference file is named, becomes None."""
+    if OmegaConf.is_missing(node, "pairs"):
+        node = node.copy()
+        node.pairs = None
+    return OmegaConf.to_object(node)
+
+
 def check_ranges(cfg: DictConfig, groups: tuple[str, ...]) -> None:
     """Each number of these groups within its field's range, and no key that is not a field (one
     appended with `+`); each refusal is one line naming the setting, its value and what would be

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from phi4.data import blend, chat, preference  # noqa: F401  each registers its format
 from phi4.data.blend import Source
 from phi4.data.corpus import ensure_corpus
 from phi4.data.registry import FORMATS, DataFormat
 from phi4.errors import ConfigError
+from phi4.settings import Data
 
 
 def data_format(data: DictConfig) -> DataFormat:
-    """The configured format, its settings checked."""
+    """The configured format, its settings checked (on the composed group, before it is typed)."""
     name = data.get("format", "gpt")
     if name not in FORMATS:
         raise ConfigError(f"data.format={name!r}; valid: {', '.join(FORMATS)}")
@@ -32,16 +33,15 @@ def data_format(data: DictConfig) -> DataFormat:
     return FORMATS[name]
 
 
-def prepare_sources(data: DictConfig, fmt: DataFormat, seq_length: int, rank: int, vocab_size: int) -> list[Source]:
+def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, vocab_size: int) -> list[Source]:
     """The configured sources, checked by their format; rank 0 first generates the bundled synthetic
     ones that are missing and checks them before the others, which then read its cached results
     instead of scanning every file again."""
     sources = [Source(s.name, str(s.path), float(s.weight)) for s in data.sources]
     if rank == 0:
         for s in data.sources:
-            if s.get("generate"):
-                spec = OmegaConf.to_container(s.generate, resolve=True)
-                ensure_corpus(Path(s.path), seq_length=seq_length, **spec)
+            if s.generate:
+                ensure_corpus(Path(s.path), seq_length=seq_length, **s.generate)
         fmt.check_files(data, sources, vocab_size)
     torch.distributed.barrier()
     if rank != 0:
@@ -49,7 +49,7 @@ def prepare_sources(data: DictConfig, fmt: DataFormat, seq_length: int, rank: in
     return sources
 
 
-def build_train_valid(data: DictConfig, fmt: DataFormat, sources: list[Source], seq_length: int, train_samples: int,
+def build_train_valid(data: Data, fmt: DataFormat, sources: list[Source], seq_length: int, train_samples: int,
                       valid_samples: int, seed: int):
     """(train, validation) datasets of the configured format."""
     return fmt.datasets(data, sources, seq_length, train_samples, valid_samples, seed)

@@ -16,6 +16,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import parse_and_nor
 from omegaconf import DictConfig
 
 from phi4.errors import ConfigError
+from phi4.settings import Data
 
 FORMATS: dict[str, "DataFormat"] = {}
 ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -38,10 +39,10 @@ class DataFormat:
     def check(self, data: DictConfig) -> None:
         """Its settings, before any process group."""
 
-    def check_files(self, data: DictConfig, sources: list, vocab_size: int) -> None:
+    def check_files(self, data: Data, sources: list, vocab_size: int) -> None:
         """Every source whole and within the vocabulary, before the model is built."""
 
-    def datasets(self, data: DictConfig, sources: list, seq_length: int, train_samples: int, valid_samples: int,
+    def datasets(self, data: Data, sources: list, seq_length: int, train_samples: int, valid_samples: int,
                  seed: int) -> tuple:
         raise NotImplementedError
 

@@ -46,6 +46,7 @@ from phi4.runtime import device
 from phi4.runtime.distributed import init_distributed, shutdown
 from phi4.runtime.launch_env import read_launch_env
 from phi4.runtime.run_dir import RunDirectory
+from phi4.settings import data_settings
 from phi4.train import lm  # noqa: F401  registers the default objective, language modelling
 from phi4.train.callbacks import Callback
 from phi4.train.checks import check_numbers, check_resume, check_start_points, check_training, total_steps
@@ -83,7 +84,7 @@ class TrainState:
 
 
 class Trainer:
-    """The parts of a run, by name: settings (`settings` = train, `optim`, `checkpointing`, `model`,
+    """The parts of a run, by name: settings (`settings` = train, `optim`, `checkpointing`, `data`, `model`,
     `topology`, `precision`), `device`, `chunks`/`ddp`, `optimizer`, `scheduler`, `objective`,
     `data_format`/`batches`/`collate`/`valid_dataset`, `metrics`, `checkpointer`, `stop`,
     `callbacks`, and the run's `state`."""
@@ -124,9 +125,9 @@ class Trainer:
         self.dp = self.topology.data_parallel_size(self.launch.world_size)
         self.steps = total_steps(self.settings)
         self.run_dir = Path(cfg.run_dir)
-        check_training(self.settings, self.optim, str(cfg.data.get("split", "98,2,0")), self.run_dir, self.dp,
-                       self.steps, self.model)
         self.data_format = data_format(cfg.data)
+        self.data = data_settings(cfg.data)
+        check_training(self.settings, self.optim, self.data.split, self.run_dir, self.dp, self.steps, self.model)
         self.objective = objective_for(cfg, self.data_format.name)
         for callback in self.callbacks:
             callback.check(self)
@@ -148,7 +149,7 @@ class Trainer:
         self.stop = StopPolicy(t)
         rank = torch.distributed.get_rank()
         self.run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        sources = prepare_sources(cfg.data, self.data_format, t.seq_length, rank, self.model.vocab_size)
+        sources = prepare_sources(self.data, self.data_format, t.seq_length, rank, self.model.vocab_size)
 
         self.config = transformer_config(self.model, self.topology, self.precision)
         self.chunks = build_phi4_model(self.model, self.topology, self.precision, config=self.config)
@@ -172,7 +173,7 @@ class Trainer:
         self.log_info(model_summary(self.model, self.topology, self.chunks,
                                 f"dp={self.dp} | {self.steps} steps | run dir {self.run_dir.resolve()}"))
 
-        train_ds, self.valid_dataset = build_train_valid(cfg.data, self.data_format, sources, t.seq_length,
+        train_ds, self.valid_dataset = build_train_valid(self.data, self.data_format, sources, t.seq_length,
                                                          self.steps * t.global_batch_size, max(t.eval_samples, 1),
                                                          cfg.seed)
         self.collate = Collate(self.data_format, t.micro_batch_size, "thd" if self.model.backend == "te" else "mask")
