@@ -16,6 +16,7 @@ from helpers import ROOT, tiny_model
 from multirank import run_ranks
 from phi4.errors import ConfigError
 from phi4.model.config import PrecisionConfig, TopologyConfig
+from phi4.model.validate import check_run
 
 MODEL = dataclasses.replace(tiny_model(num_layers=8), backend="te")
 LAYOUTS = [TopologyConfig(), TopologyConfig(pp=2), TopologyConfig(pp=4, vp=2)]
@@ -32,13 +33,15 @@ def shipped_precisions() -> dict:
 
 
 def outcome(precision: PrecisionConfig, topology: TopologyConfig):
-    """'accepted' with the TransformerConfig, or the refusal; anything Megatron-Core raises fails."""
+    """'accepted' with the TransformerConfig, or phi4's refusal (check_run, what every start runs
+    before it builds the config); anything Megatron-Core raises fails."""
     from phi4.model.build import transformer_config
 
     try:
-        return "accepted", transformer_config(MODEL, topology, precision)
+        check_run(MODEL, topology, precision)
     except ConfigError as err:
         return "refused", str(err)
+    return "accepted", transformer_config(MODEL, topology, precision)
 
 
 def cases():

@@ -18,7 +18,6 @@ from megatron.core.transformer import TransformerConfig
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.spec import phi4_block_spec
-from phi4.model.validate import check_run
 from phi4.runtime import device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,8 +50,9 @@ def _recompute_settings(recompute: str) -> dict:
 
 def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig):
     """Megatron-Core's TransformerConfig for Phi-4: RMSNorm, SwiGLU, no biases, GQA, dropout as
-    configured (0 for Phi-4), init std 0.02, loss summed per token (averaged by the loop)."""
-    check_run(model, topology, precision)
+    configured (0 for Phi-4), init std 0.02, loss summed per token (averaged by the loop).
+    The settings were checked once before (phi4.model.validate.check_run: the Trainer, or
+    init_model_parallel); this only translates them."""
     dtype = _DTYPES[precision.dtype]
     on_cpu = device.kind() == "cpu"
     return TransformerConfig(
