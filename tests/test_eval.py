@@ -17,7 +17,7 @@ from phi4.eval.checkers import load_checker, number_checker, string_checker
 from phi4.eval.run import EvalSettings, evaluate, write_generations
 from phi4.eval.score import Z95, pass_at_k, wilson_interval
 from phi4.eval.tasks import load_items
-from phi4.settings import load_group
+from phi4.settings import Eval, check_ranges, load_group
 
 
 def test_number_checker():
@@ -202,12 +202,19 @@ def test_pass_at_k_over_samples(tmp_path):
 @pytest.mark.parametrize("settings,message", [
     (dict(samples=4), "greedy decoding answers the same"),
     (dict(samples=2, temperature=1.0, pass_at=(4,)), "eval.pass_at=.4.: each k must be between 1 and eval.samples=2"),
-    (dict(top_p=0.0), "eval.top_p=0.0 in"),
-    (dict(max_new_tokens=0), "eval.max_new_tokens=0"),
 ])
 def test_bad_settings(settings, message):
     with pytest.raises(ConfigError, match=message):
         EvalSettings(**settings)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(top_p=0.0), r"eval.top_p=0.0; valid: a number above 0 and at most 1"),
+    (dict(max_new_tokens=0), r"eval.max_new_tokens=0; valid: a whole number at least 1"),
+])
+def test_bad_ranges(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        check_ranges(OmegaConf.create({"eval": settings}), ("eval",))
 
 
 def test_bad_problem_files(tmp_path):
@@ -248,7 +255,7 @@ def test_context_parallel_and_empty_tasks_are_refused():
 
     from helpers import ROOT
 
-    ev = OmegaConf.create(load_group("eval", ROOT / "conf/eval/default.yaml"))
+    ev = Eval(**load_group("eval", ROOT / "conf/eval/default.yaml"))
     with pytest.raises(ConfigError, match="eval.tasks is empty and eval.synthetic is null"):
         check_eval(ev, cp=1)
     ev.tasks = ["no/such/bench.jsonl"]
@@ -315,7 +322,7 @@ def test_phi4_eval_without_a_checkpoint_is_one_line(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
     from helpers import ROOT
-    from phi4.cli.eval import evaluate_checkpoint
+    from phi4.eval.job import evaluate_checkpoint
     from phi4.logs import run_job
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

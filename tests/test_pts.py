@@ -516,7 +516,7 @@ def test_pts_settings_are_checked_before_the_checkpoint_or_any_process_group():
     from hydra import compose, initialize_config_dir
 
     from helpers import ROOT
-    from phi4.cli.pts import search
+    from phi4.posttrain.pts_job import search
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("pts", overrides=["pts.checkpoint=/nowhere", "pts.samples=0"])

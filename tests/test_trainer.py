@@ -90,6 +90,7 @@ def test_the_trainer_closes_on_every_path(tmp_path):
     assert seen["failed_closed"] and not seen["failed_group"]
     assert seen["failed_config_kept"]  # a step had run: the run directory stays for its resume
     assert seen["stopped"].startswith("2 steps in a row had a non-finite loss or gradient norm")
+    assert seen["stopped"].split("the last checkpoint is ")[1].startswith(str(tmp_path / "stopped/checkpoints/step_0000001"))
     assert seen["stopped_closed"] and not seen["stopped_group"]
     assert seen["stopped_latest"] == "step_0000001"
     assert seen["stopped_state"] == dict(step=2, consumed_samples=8, skipped_steps=2, initialized_from=None)

@@ -10,12 +10,13 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Optional
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from phi4.checkpoint.pointers import checkpoint_dir, publish, require_checkpoint
+from phi4.checkpoint.pointers import checkpoint_dir, latest_checkpoint, publish, require_checkpoint
 from phi4.checkpoint.rng import rng_sharded_object, rng_state, set_rng_state
 from phi4.checkpoint.weights import assign_model, load_sharded, model_sharded_state_dict
 
@@ -76,6 +77,7 @@ class RunCheckpointer:
     def __init__(self, run_dir: Path, keep: int, async_save: bool):
         self.run_dir, self.keep, self.async_save = Path(run_dir), keep, async_save
         self._queue = None
+        self.pending: Optional[Path] = None  # a background save not yet published
 
     def _state(self, chunks, optimizer, scheduler, extra: dict, is_loading: bool) -> dict:
         if is_loading:
@@ -106,6 +108,7 @@ class RunCheckpointer:
         request.add_finalize_fn(lambda: self._finish(directory, final))
         self._queue = self._queue or AsyncCallsQueue()
         self._queue.schedule_async_request(request)
+        self.pending = directory
         return directory
 
     def _finish(self, directory: Path, final: bool) -> None:
@@ -114,6 +117,15 @@ class RunCheckpointer:
         if torch.distributed.get_rank() == 0:
             publish(self.run_dir, directory, self.keep, final)
         torch.distributed.barrier()
+        self.pending = None
+
+    def newest(self) -> str:
+        """The run's newest checkpoint, for messages: a background save not yet published is named
+        as such (the trainer finishes it before the run ends on every rank together)."""
+        if self.pending is not None:
+            return f"{self.pending} (still being written; `latest` names it once the run has closed)"
+        found = latest_checkpoint(self.run_dir)
+        return str(found) if found is not None else "none (no checkpoint saved yet)"
 
     def poll(self) -> None:
         """Finalize background saves that have finished (call once a step)."""

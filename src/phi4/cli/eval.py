@@ -1,4 +1,5 @@
-"""`phi4-eval` (and launch/eval.py): generative evaluation of a checkpoint, on every rank.
+"""`phi4-eval` (and launch/eval.py): generative evaluation of a checkpoint, on every rank; the job
+is phi4.eval.job.
 
     phi4-eval checkpoint=runs/tiny eval.synthetic='{problems: 64, seed: 1}'
     torchrun --nproc-per-node 2 launch/eval.py checkpoint=runs/sft topology.tp=2 eval.tasks=[math.jsonl]
@@ -13,78 +14,22 @@ limit) stops after the current batch with exit 75, for a requeue.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from phi4.runtime import signals
 
 signals.install()  # first: a stop signal during the slow imports below must not kill the job
 
 import hydra
-import torch
-from megatron.core import parallel_state
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import phi4.settings  # noqa: F401  registers the config schemas before Hydra composes
 from phi4 import conf_dir
-from phi4.checkpoint.pointers import resolve_checkpoint
-from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights
 from phi4.errors import ConfigError
-from phi4.eval.evaluator import Evaluator, check_eval, publish
-from phi4.eval.generate import decoding_topology
-from phi4.eval.run import EvalStopped
+from phi4.eval.job import evaluate_checkpoint
 from phi4.logs import one_line_config_errors, run_job
-from phi4.model.build import build_phi4_model
-from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-from phi4.model.parallel import init_model_parallel
-from phi4.runtime.distributed import shutdown
-from phi4.runtime.run_dir import RunDirectory
-from phi4.train.metrics import MetricsWriter
 
 CONF_DIR = conf_dir()
 log = logging.getLogger("phi4.eval")
-
-
-def evaluate_checkpoint(cfg: DictConfig) -> int:
-    phi4.settings.check_ranges(cfg, ("eval",))
-    checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint")
-    common = checkpoint_common_state(checkpoint)
-    model = ModelConfig.from_dict(common[MODEL_CONFIG_KEY])
-    # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
-    topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
-    precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
-    check_eval(cfg.eval, topology.cp, cfg.seed)
-    init_model_parallel(model, topology, precision, seed=cfg.seed)
-    run_dir = Path(cfg.run_dir)
-    with RunDirectory(run_dir, torch.distributed.get_rank()) as run_files:  # a failed start leaves run_dir as it was
-        run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        torch.distributed.barrier()
-        chunks = build_phi4_model(model, topology, precision)
-        load_model_weights(chunks, checkpoint)
-        evaluator = Evaluator(cfg.eval, chunks, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
-    is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
-        and parallel_state.get_data_parallel_rank() == 0
-    step = common.get("step")
-    if is_logger:
-        log.info(f"{evaluator.describe()}; checkpoint {checkpoint} (step {step})")
-
-    def should_stop() -> bool:  # the ranks of a model-parallel group answer the same batches: they stop together
-        flag = torch.tensor([1.0 if signals.received() else 0.0], device=evaluator.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
-                                     group=parallel_state.get_model_parallel_group())
-        return bool(flag.item())
-
-    try:
-        report = evaluator.run(run_dir / "parts", str(checkpoint.resolve()), should_stop)
-    except EvalStopped as stopped:
-        log.info(f"rank {torch.distributed.get_rank()}: {stopped} ({signals.received()}); exit 75 to resume")
-        shutdown()
-        return 75
-    if is_logger:
-        metrics = MetricsWriter(run_dir, True, cfg.tensorboard)
-        publish(report, step, metrics, run_dir / "generations.jsonl", f"{checkpoint} | ")
-        metrics.close()
-    shutdown()
-    return 0
 
 
 @one_line_config_errors

@@ -3,10 +3,13 @@ with the objectives registered (language modelling by phi4.train, DPO by phi4.po
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from phi4.eval.callback import GenerativeEvaluation
 from phi4.posttrain import dpo  # noqa: F401  registers train.objective=dpo
+from phi4.settings import Eval
 from phi4.train.callbacks import Callback, ValidationLoss
 from phi4.train.stop import TrainingStopped  # noqa: F401  the entry point's exit code 3
 from phi4.train.trainer import Trainer
@@ -15,8 +18,9 @@ from phi4.train.trainer import Trainer
 def callbacks(cfg: DictConfig) -> list[Callback]:
     """Validation loss (train.eval_every), and generative evaluation when eval.every asks for it."""
     chosen: list[Callback] = [ValidationLoss()]
-    if cfg.get("eval") is not None and cfg.eval.every:
-        chosen.append(GenerativeEvaluation(cfg.eval, cfg.seed))
+    ev: Optional[Eval] = OmegaConf.to_object(cfg.eval) if cfg.get("eval") is not None else None
+    if ev is not None and ev.every:
+        chosen.append(GenerativeEvaluation(ev, cfg.seed))
     return chosen
 
 

@@ -5,15 +5,14 @@ last) the scores in the metrics and each generation with its verdict in
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from phi4.eval.evaluator import Evaluator, check_eval, publish
+from phi4.settings import Eval
 from phi4.train.callbacks import Callback
 
 
 class GenerativeEvaluation(Callback):
-    def __init__(self, ev: DictConfig, seed: int):
-        self.ev, self.seed, self.every = ev, seed, int(ev.every)
+    def __init__(self, ev: Eval, seed: int):
+        self.ev, self.seed, self.every = ev, seed, ev.every
         self.evaluator = None
 
     def check(self, trainer) -> None:

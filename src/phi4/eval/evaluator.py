@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from omegaconf import DictConfig
 
 from phi4.data.jsonl import append_records, part_path, read_part
 from phi4.data.synth import WORD_PROBLEMS, write_synthetic_jsonl
@@ -28,19 +27,19 @@ from phi4.eval.generate import Decoder
 from phi4.eval.run import EvalReport, EvalSettings, evaluate, write_generations
 from phi4.eval.tasks import check_template, load_items
 from phi4.runtime import device
+from phi4.settings import Eval
 
 log = logging.getLogger("phi4.eval")
 
 
-def eval_settings(ev: DictConfig, seed: int) -> EvalSettings:
-    return EvalSettings(samples=int(ev.samples), pass_at=tuple(int(k) for k in ev.pass_at),
-                        temperature=float(ev.temperature), top_p=float(ev.top_p),
-                        max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
-                        stop=tuple(str(s) for s in ev.stop), seed=seed)
+def eval_settings(ev: Eval, seed: int) -> EvalSettings:
+    return EvalSettings(samples=ev.samples, pass_at=tuple(ev.pass_at), temperature=ev.temperature, top_p=ev.top_p,
+                        max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, stop=tuple(ev.stop), seed=seed)
 
 
-def check_eval(ev: DictConfig, cp: int, seed: int = 0) -> EvalSettings:
-    """The settings, checked before any process group or model exists."""
+def check_eval(ev: Eval, cp: int, seed: int = 0) -> EvalSettings:
+    """What the ranges (phi4.settings.check_ranges) cannot say, checked before any process group
+    or model exists: the layout, the problems, the template, and how the settings combine."""
     if cp != 1:
         raise ConfigError(f"generative evaluation needs topology.cp=1 (the decoder does not split sequences over "
                           f"context-parallel ranks), not {cp}: set eval.every=0 here and run phi4-eval on the "
@@ -52,19 +51,19 @@ def check_eval(ev: DictConfig, cp: int, seed: int = 0) -> EvalSettings:
     if missing:
         raise ConfigError(f"eval.tasks: not found: {', '.join(missing)} (JSONL files of problems with 'prompt' "
                           "and 'answer')")
-    check_template(str(ev.template))
+    check_template(ev.template)
     return eval_settings(ev, seed)
 
 
-def task_files(ev: DictConfig, run_dir: Path, rank: int) -> list[Path]:
+def task_files(ev: Eval, run_dir: Path, rank: int) -> list[Path]:
     """The configured files, and the held-out synthetic split (written by rank 0 if missing)."""
     paths = [Path(p) for p in ev.tasks]
     if ev.synthetic:
         s = ev.synthetic
         kinds = list(s.get("kinds") or WORD_PROBLEMS)
-        path = run_dir / f"heldout_{int(s.problems)}_{int(s.seed)}.jsonl"
+        path = run_dir / f"heldout_{int(s['problems'])}_{int(s['seed'])}.jsonl"
         if rank == 0 and not path.exists():
-            write_synthetic_jsonl(path, int(s.problems), int(s.seed), kinds, split="test")
+            write_synthetic_jsonl(path, int(s["problems"]), int(s["seed"]), kinds, split="test")
         torch.distributed.barrier()
         paths.append(path)
     return paths
@@ -80,13 +79,12 @@ def _gather_data_parallel(rows: list) -> list:
 class Evaluator:
     """Built once per run over the run's chunks; `run()` evaluates them as they are now."""
 
-    def __init__(self, ev: DictConfig, chunks: list, max_positions: int, vocab_size: int, run_dir: Path,
-                 seed: int):
+    def __init__(self, ev: Eval, chunks: list, max_positions: int, vocab_size: int, run_dir: Path, seed: int):
         """`ev` checked by `check_eval` first (the entry points do, before any process group)."""
         self.settings = eval_settings(ev, seed)
         self.chunks = chunks
         paths = task_files(ev, Path(run_dir), torch.distributed.get_rank())
-        self.items = load_items(paths, str(ev.template), str(ev.checker), max_positions, self.settings.max_new_tokens)
+        self.items = load_items(paths, ev.template, ev.checker, max_positions, self.settings.max_new_tokens)
         self.tok = get_tokenizer()
         self.stop_ids = {self.tok.eos_id, self.tok.eod_id}
         self.device = device.current().type

@@ -37,11 +37,7 @@ class EvalSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"eval.samples={self.samples}, eval.batch_size={self.batch_size} and "
-                              f"eval.max_new_tokens={self.max_new_tokens} must each be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"eval.temperature={self.temperature} must be >= 0 and eval.top_p={self.top_p} in (0, 1]")
+        """How the settings combine (each one's range is the eval schema's: phi4.settings.Eval)."""
         if self.samples > 1 and self.temperature == 0:
             raise ConfigError(f"eval.samples={self.samples} with eval.temperature=0: greedy decoding answers the same "
                               "each time; set eval.temperature > 0 for pass@k, or eval.samples=1")

@@ -19,11 +19,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 
 from phi4.checkpoint.weights import load_model_weights
 from phi4.errors import ConfigError
 from phi4.model.build import build_phi4_model
 from phi4.model.schedule import run_schedule
+from phi4.settings import Dpo
 from phi4.train.objective import Objective, register
 from phi4.train.step import train_step
 
@@ -123,23 +125,22 @@ class DirectPreference(Objective):
 
     formats = ("preference",)
 
-    def check(self) -> None:
-        cfg = self.cfg
-        if cfg.get("dpo") is None:
+    def check(self, trainer) -> None:
+        if self.cfg.get("dpo") is None:
             raise ConfigError("train.objective=dpo needs the dpo settings (beta, reference): use stage=dpo")
-        if not (cfg.dpo.reference or cfg.checkpoint.load):
+        self.settings: Dpo = OmegaConf.to_object(self.cfg.dpo)
+        self.reference_path = self.settings.reference or trainer.checkpointing.load
+        if not self.reference_path:
             raise ConfigError("train.objective=dpo needs a reference model: set dpo.reference or checkpoint.load "
                               "(the SFT checkpoint)")
 
     def start_points(self) -> list[tuple[str, str]]:
-        if self.cfg.dpo.reference:
-            return [("dpo.reference", self.cfg.dpo.reference)]
-        return [("checkpoint.load", self.cfg.checkpoint.load)]
+        return [("dpo.reference" if self.settings.reference else "checkpoint.load", self.reference_path)]
 
     def build(self, trainer) -> None:
         reference = build_phi4_model(trainer.model, trainer.topology, trainer.precision, config=trainer.config)
-        load_model_weights(reference, self.start_points()[0][1])
-        self.reference, self.beta = freeze(reference), float(self.cfg.dpo.beta)
+        load_model_weights(reference, self.reference_path)
+        self.reference, self.beta = freeze(reference), self.settings.beta
 
     def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
         micro_batches = attach_reference_logps(self.reference, micro_batches)

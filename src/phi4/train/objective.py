@@ -38,8 +38,8 @@ class Objective:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
 
-    def check(self) -> None:
-        """Its settings, before any process group exists."""
+    def check(self, trainer) -> None:
+        """Its settings, before any process group exists (the trainer's typed settings are read)."""
 
     def start_points(self) -> list[tuple[str, str]]:
         """(setting, path) of each checkpoint it reads weights from, checked before any process group."""
@@ -63,14 +63,15 @@ class Objective:
         return tokens_per_step, flops_per_token
 
 
-def objective_for(cfg: DictConfig, data_format: str) -> Objective:
-    """The configured objective, checked: a registered name, reading this data format."""
-    name = cfg.train.get("objective", "lm")
+def objective_for(trainer) -> Objective:
+    """The configured objective (`train.objective`), checked: a registered name, reading the run's
+    data format, its own settings valid."""
+    name = trainer.settings.objective
     if name not in OBJECTIVES:
         raise ConfigError(f"train.objective={name!r}; valid: {', '.join(OBJECTIVES)}")
-    objective = OBJECTIVES[name](cfg)
-    if data_format not in objective.formats:
+    objective = OBJECTIVES[name](trainer.cfg)
+    if trainer.data_format.name not in objective.formats:
         raise ConfigError(f"train.objective={name} reads data.format {' or '.join(objective.formats)}, "
-                          f"not {data_format}")
-    objective.check()
+                          f"not {trainer.data_format.name}")
+    objective.check(trainer)
     return objective

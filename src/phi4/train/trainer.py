@@ -128,7 +128,7 @@ class Trainer:
         self.data_format = data_format(cfg.data)
         self.data = data_settings(cfg.data)
         check_training(self.settings, self.optim, self.data.split, self.run_dir, self.dp, self.steps, self.model)
-        self.objective = objective_for(cfg, self.data_format.name)
+        self.objective = objective_for(self)
         for callback in self.callbacks:
             callback.check(self)
         self.resume = latest_checkpoint(self.run_dir)
@@ -249,7 +249,7 @@ class Trainer:
             self.scheduler.step(increment=1)
         else:
             self.state.skipped_steps += 1
-        self.stop.after_update(self.state.step, result, lambda: latest_checkpoint(self.run_dir), self.is_logger)
+        self.stop.after_update(self.state.step, result, self.checkpointer.newest, self.is_logger)
         self.checkpointer.poll()
         return result
 
