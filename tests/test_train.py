@@ -375,6 +375,7 @@ def test_pruning_never_removes_what_latest_or_final_names(tmp_path):
 
 def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_is_written(tmp_path, cache, straight):
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from phi4.checkpoint.pointers import latest_checkpoint
     from phi4.train.checks import check_resume
@@ -398,7 +399,8 @@ def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_i
     assert "checkpoint.allow_new_batch_shape=true" in str(err.value)
     assert (run / "config.yaml").read_bytes() == before
     allowed = cfg_with("train.global_batch_size=8", "checkpoint.allow_new_batch_shape=true", "model.backend=local")
-    check_resume(allowed, settings(allowed)[0], latest_checkpoint(run))  # asked for: accepted
+    check_resume(run, settings(allowed)[0], OmegaConf.to_object(allowed.train), OmegaConf.to_object(allowed.checkpoint),
+                 latest_checkpoint(run))  # asked for: accepted
 
 
 def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_path, cache):

@@ -15,7 +15,7 @@ from phi4.checkpoint.pointers import resolve_checkpoint
 from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig
-from phi4.settings import Optim, Train, check_ranges
+from phi4.settings import Checkpoint, Optim, Train, check_ranges
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -74,7 +74,7 @@ def check_split(split: str) -> None:
 _BATCH_SHAPE = ("seq_length", "global_batch_size")
 
 
-def check_resume(cfg: DictConfig, model: ModelConfig, checkpoint: Path) -> None:
+def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing: Checkpoint, checkpoint: Path) -> None:
     """A run directory is resumed only with the model it was trained with, and with the batch
     shape it was trained with unless checkpoint.allow_new_batch_shape says so; checked before
     anything is written."""
@@ -84,12 +84,13 @@ def check_resume(cfg: DictConfig, model: ModelConfig, checkpoint: Path) -> None:
     differ = [f"model.{k} {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
               if k not in ("backend", "name") and saved[k] != now.get(k)]
     if differ:
-        raise ConfigError(f"{cfg.run_dir} holds a run of another model ({'; '.join(differ)}), resumed from {checkpoint}; "
+        raise ConfigError(f"{run_dir} holds a run of another model ({'; '.join(differ)}), resumed from {checkpoint}; "
                           "valid: the same model settings, or another run_dir (checkpoint.load= starts from its weights)")
-    train = (OmegaConf.create(common["config_yaml"]).get("train") or {}) if common.get("config_yaml") else {}
-    changed = [f"train.{k} {train[k]} -> {cfg.train[k]}" for k in _BATCH_SHAPE if k in train and train[k] != cfg.train[k]]
-    if changed and not cfg.checkpoint.get("allow_new_batch_shape", False):
-        raise ConfigError(f"{cfg.run_dir} was trained with another batch shape ({'; '.join(changed)}); the data "
+    before = (OmegaConf.create(common["config_yaml"]).get("train") or {}) if common.get("config_yaml") else {}
+    changed = [f"train.{k} {before[k]} -> {getattr(train, k)}" for k in _BATCH_SHAPE
+               if k in before and before[k] != getattr(train, k)]
+    if changed and not checkpointing.allow_new_batch_shape:
+        raise ConfigError(f"{run_dir} was trained with another batch shape ({'; '.join(changed)}); the data "
                           "order would change: set checkpoint.allow_new_batch_shape=true to resume with it anyway, "
                           "or keep the run's settings")
 

@@ -133,7 +133,7 @@ class Trainer:
             callback.check(self)
         self.resume = latest_checkpoint(self.run_dir)
         if self.resume is not None:
-            check_resume(cfg, self.model, self.resume)
+            check_resume(self.run_dir, self.model, self.settings, self.checkpointing, self.resume)
         load = self.checkpointing.load
         check_start_points(([("checkpoint.load", load)] if load and self.resume is None else [])
                            + self.objective.start_points())
