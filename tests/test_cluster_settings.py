@@ -18,6 +18,8 @@ def test_h100_stages_chain_and_size_their_jobs(tmp_path):
     assert f"checkpoint.load={tmp_path / 'pretrain'}" in command and f"run_dir={tmp_path / 'midtrain'}" in command
     assert "topology=h100_1920_midtrain" in command and "stage=midtrain" in command
     assert env["PHI4_SETUP"].startswith("source ")
+    # NCCL's watchdog and flight recorder, from the cluster file's env, for every task
+    assert (env["TORCH_NCCL_DUMP_ON_TIMEOUT"], env["TORCH_FR_BUFFER_SIZE"]) == ("1", "2000")
     assert jobs["pts"][1][:3] == ["python", "-m", "phi4.cli.pts"]
     assert f"pts.checkpoint={tmp_path / 'sft'}" in jobs["pts"][1]
     assert f"data.pairs={tmp_path / 'pts' / 'pairs.jsonl'}" in jobs["dpo"][1]

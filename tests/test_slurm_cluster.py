@@ -43,3 +43,16 @@ def test_afterok_on_a_failed_job_cancels_the_dependent(slurm_cluster):
     dependent = slurm_cluster.submit("#!/bin/bash\necho must not run\n", *ONE_CPU, f"--dependency=afterok:{failed}")
     assert slurm_cluster.wait([failed, dependent], timeout=30) == {failed: "FAILED", dependent: "CANCELLED"}
     assert slurm_cluster.output(dependent) == ""
+
+
+def test_the_stage_script_requeues_a_run_that_hung(slurm_cluster):
+    """slurm/stage.sbatch requeues a stage whose tasks exit 76 (phi4's hang watchdog), and the
+    requeued job runs again (here it then succeeds, as a resumed run would)."""
+    from helpers import ROOT
+
+    task = 'echo "restart ${SLURM_RESTART_COUNT:-0}"; exit $(( ${SLURM_RESTART_COUNT:-0} == 0 ? 76 : 0 ))'
+    job_id = slurm_cluster.submit([ROOT / "slurm" / "stage.sbatch", "bash", "-c", task], *ONE_CPU, cwd=ROOT)
+    assert slurm_cluster.wait(job_id, timeout=90) == {job_id: "COMPLETED"}
+    assert slurm_cluster.job(job_id).restarts == 1
+    out = slurm_cluster.output(job_id)
+    assert "restart 0" in out and "a rank hung" in out and "restart 1" in out and out.rstrip().endswith("exit 0")

@@ -59,6 +59,11 @@ class Train:
     overlap_param_gather: bool = MISSING
     peak_tflops: Optional[float] = number(least=0, above=True, meaning="the device's dense peak, for MFU")
     tensorboard: bool = MISSING
+    hang_timeout_minutes: Optional[float] = number(least=0, above=True, meaning="minutes a step may take before "
+                                                   "every rank writes its stacks and exits 76; null: no watchdog")
+    hang_startup_minutes: float = number(least=0, above=True, meaning="minutes from start to the first step's end")
+    hang_save_minutes: float = number(least=0, above=True,
+                                      meaning="minutes a checkpoint save or an evaluation may take")
 
 
 @dataclass
@@ -100,6 +105,15 @@ class Data:
     pairs: Optional[str] = MISSING  # the preference JSONL (data=preference); a `???` merged onto None would not stick
     sources: List[Source] = field(default_factory=list)
     split: str = MISSING
+
+
+@dataclass
+class Fault:
+    """Faults injected on purpose, for the tests of what a run does about them (all off by default)."""
+
+    hang_step: Optional[int] = number(default=None, least=1, meaning="the step inside which fault.hang_rank sleeps")
+    hang_rank: int = number(default=0, least=0, meaning="the rank that sleeps inside fault.hang_step")
+    hang_seconds: float = number(default=3600.0, least=0, above=True, meaning="how long it sleeps")
 
 
 @dataclass
@@ -170,7 +184,7 @@ def _unfrozen(cls: type, **nested: type) -> type:
 
 FP8 = _unfrozen(FP8Config)
 SCHEMAS: dict[str, type] = {
-    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "dpo": Dpo, "eval": Eval,
+    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "fault": Fault, "dpo": Dpo, "eval": Eval,
     "pts": Pts, "plan": Plan, "stage": Stage,
     "model": _unfrozen(ModelConfig), "topology": _unfrozen(TopologyConfig),
     "precision": _unfrozen(PrecisionConfig, fp8=FP8), "hardware": _unfrozen(HardwareConfig),

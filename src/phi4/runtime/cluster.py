@@ -111,6 +111,7 @@ def stage_job(cluster: dict, stage: str, runs: Path, after: str | None = None) -
         if cluster.get("container_mounts"):
             srun.append(f"--container-mounts={cluster['container_mounts']}")
     env = {"PHI4_SETUP": "; ".join(cluster.get("setup") or []), "PHI4_SRUN_ARGS": shlex.join(srun)}
+    env.update({str(k): str(v) for k, v in (cluster.get("env") or {}).items()})  # every task inherits them
     return options, command, env
 
 

@@ -21,7 +21,7 @@ from phi4.settings import Checkpoint, Optim, Train, check_ranges
 def check_numbers(cfg: DictConfig) -> None:
     """The loop's groups: each number within the range declared beside its field (phi4.settings),
     no key that is not a setting; and the seed. A typo is one line."""
-    check_ranges(cfg, ("train", "optim", "checkpoint", "data", "dpo", "eval"))
+    check_ranges(cfg, ("train", "optim", "checkpoint", "data", "fault", "dpo", "eval"))
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r}; valid: a whole number at least 0")

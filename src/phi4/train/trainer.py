@@ -46,10 +46,12 @@ from phi4.runtime import device
 from phi4.runtime.distributed import init_distributed, shutdown
 from phi4.runtime.launch_env import read_launch_env
 from phi4.runtime.run_dir import RunDirectory
-from phi4.settings import data_settings
+from phi4.runtime.watchdog import Watchdog, nccl_flight_recorder
+from phi4.settings import Fault, data_settings
 from phi4.train import lm  # noqa: F401  registers the default objective, language modelling
 from phi4.train.callbacks import Callback
 from phi4.train.checks import check_numbers, check_resume, check_start_points, check_training, total_steps
+from phi4.train.faults import Faults
 from phi4.train.metrics import MetricsWriter, StepLog
 from phi4.train.objective import objective_for
 from phi4.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -108,6 +110,8 @@ class Trainer:
 
     def close(self, kind=None, err=None, tb=None) -> None:
         """Pending saves, metrics, callbacks, the process group, the run directory (LIFO)."""
+        if getattr(self, "watchdog", None) is not None:  # finishing a background save may take a while
+            self.watchdog.arm("closing", self.hang_allowances.get("save"))
         self._closing.__exit__(kind, err, tb)
 
     def _check(self) -> None:
@@ -116,6 +120,7 @@ class Trainer:
         check_numbers(cfg)
         self.settings = OmegaConf.to_object(cfg.train)
         self.optim, self.checkpointing = OmegaConf.to_object(cfg.optim), OmegaConf.to_object(cfg.checkpoint)
+        self.fault = OmegaConf.to_object(cfg.fault) if cfg.get("fault") is not None else Fault()
         self.model, self.topology, self.precision = model_settings(cfg)
         self.launch = read_launch_env()
         if self.topology.world_size and self.topology.world_size != self.launch.world_size:
@@ -142,9 +147,13 @@ class Trainer:
         cfg, t = self.cfg, self.settings
         # what the start writes (config.yaml, tensorboard/) is removed again if it fails before a step
         self.run_files = self._closing.enter_context(RunDirectory(self.run_dir, self.launch.rank))
+        self.watchdog = self._start_watchdog()
+        self.faults = Faults(self.fault, self.launch.rank)
         self.device = device.select(self.launch.local_rank)
         check_on_device(self.precision, self.device)
-        init_distributed(self.topology, seed=cfg.seed, launch=self.launch)
+        # the process group's own timeout (NCCL's watchdog) is the backstop behind ours
+        init_distributed(self.topology, seed=cfg.seed, launch=self.launch,
+                         timeout_s=max(600.0, 60 * max(self.hang_allowances.values(), default=0) + 120))
         self._closing.callback(shutdown)
         self.stop = StopPolicy(t)
         rank = torch.distributed.get_rank()
@@ -182,6 +191,20 @@ class Trainer:
         for callback in self.callbacks:
             callback.setup(self)
             self._closing.callback(callback.close)
+
+    def _start_watchdog(self) -> Watchdog:
+        """Armed for the start-up now, then for each step (train.hang_*_minutes); off when
+        train.hang_timeout_minutes is null."""
+        t = self.settings
+        on = t.hang_timeout_minutes is not None
+        self.hang_allowances = dict(step=60 * t.hang_timeout_minutes, start=60 * t.hang_startup_minutes,
+                                    save=60 * t.hang_save_minutes) if on else {}
+        dog = Watchdog(self.run_dir / "hangs", self.launch.rank)
+        self._closing.callback(dog.close)
+        dog.arm("start-up", self.hang_allowances.get("start"))
+        if on:
+            nccl_flight_recorder(self.run_dir / "hangs")
+        return dog
 
     def _restore(self) -> None:
         if self.resume is not None:
@@ -225,8 +248,9 @@ class Trainer:
             if state.step % t.log_every == 0 or state.step == steps:
                 step_log.write(state.step, result, self.optimizer.param_groups[0]["lr"], state.skipped_steps,
                                self.objective.describe)
-            for callback in self.callbacks:
-                callback.after_step(self, state.step)
+            with self.watchdog.allow(f"the callbacks after step {state.step}", self.hang_allowances.get("save")):
+                for callback in self.callbacks:
+                    callback.after_step(self, state.step)
             if self.checkpointing.every and state.step % self.checkpointing.every == 0 and state.step < steps:
                 self.save()
             reason = self.stop.reason(state.step, steps)
@@ -241,8 +265,10 @@ class Trainer:
 
     def step(self) -> dict:
         """One global batch: the objective's step, the schedule, the non-finite count."""
+        self.faults.inside_step(self.state.step + 1)
         result = self.objective.train_step(self.ddp, self.optimizer, self.collate(self.batches.next()))
         self.state.step += 1
+        self.watchdog.arm(f"step {self.state.step + 1}", self.hang_allowances.get("step"))
         self.state.consumed_samples = self.batches.consumed
         self.run_files.keep()  # a step has run: from here on a failure leaves the run for its resume
         if result["update_successful"]:
@@ -258,7 +284,8 @@ class Trainer:
         extra = dict(self.state.state_dict(), layout=self.layout, config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
                      weights_fingerprint=weights_fingerprint(self.ddp))
         extra[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model)
-        directory = self.checkpointer.save(self.state.step, self.ddp, self.optimizer, self.scheduler, extra, final)
-        if wait:
-            self.checkpointer.wait()
+        with self.watchdog.allow(f"the save at step {self.state.step}", self.hang_allowances.get("save")):
+            directory = self.checkpointer.save(self.state.step, self.ddp, self.optimizer, self.scheduler, extra, final)
+            if wait:
+                self.checkpointer.wait()
         return directory

@@ -1,0 +1,131 @@
+"""The hang watchdog (phi4.runtime.watchdog): alone in a process, and in a two-rank phi4-train run
+where one rank sleeps inside a step (fault.hang_step): every rank writes its stacks to
+run_dir/hangs/ and exits 76 within the allowance plus a stated slack, and the run resumes from its
+last checkpoint."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from helpers import ROOT
+from phi4.runtime.launch_env import free_port
+from phi4.runtime.watchdog import EXIT_HUNG, GRACE_S
+
+BIN = Path(sys.executable).parent
+HOST = socket.gethostname().split(".")[0]
+# Beyond the allowance: the watchdog's poll (at most 1 s), writing the stacks, GRACE_S before the
+# exit, and torchrun noticing and ending the other worker; generous for a loaded 2-core machine.
+SLACK_S = GRACE_S + 20
+
+
+def _python(tmp_path, body: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "dog.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_no_progress_writes_every_stack_and_exits_76(tmp_path):
+    out = _python(tmp_path, f"""
+        import time
+        from phi4.runtime.watchdog import Watchdog
+
+        def stuck_in_here():
+            time.sleep(30)
+
+        dog = Watchdog({str(tmp_path / 'hangs')!r}, rank=3, grace_s=0.1)
+        dog.arm("step 7", 0.5)
+        stuck_in_here()
+    """)
+    assert out.returncode == EXIT_HUNG, out.stderr
+    dump = (tmp_path / "hangs" / f"{HOST}-rank3.txt").read_text()
+    assert f"rank 3 on {HOST}: no progress in step 7 for 0.5 s" in dump.splitlines()[0]
+    assert "stuck_in_here" in dump and "phi4-watchdog" not in dump.splitlines()[0]
+    assert f"exit {EXIT_HUNG}" in out.stderr
+
+
+def test_a_longer_allowance_holds_for_its_work_and_the_step_allowance_counts_afresh(tmp_path):
+    out = _python(tmp_path, f"""
+        import time
+        from phi4.runtime.watchdog import Watchdog
+
+        dog = Watchdog({str(tmp_path / 'hangs')!r}, rank=0, grace_s=0.1)
+        dog.arm("step 2", 0.8)
+        with dog.allow("the save at step 1", 10):
+            time.sleep(1.5)          # longer than a step may take: a save may
+        time.sleep(0.5)              # the step's 0.8 s count from the save's end
+        dog.arm("step 3", 0.8)
+        dog.arm("between runs", None)
+        time.sleep(1.5)              # unwatched
+        dog.close()
+        print("finished")
+    """)
+    assert out.returncode == 0 and out.stdout.strip() == "finished", out.stderr
+    assert not (tmp_path / "hangs").exists()
+
+
+def _small(cache):
+    return ["model.hidden_size=64", "model.ffn_hidden_size=224", "train.seq_length=32", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0", "eval.every=0",
+            "train.tensorboard=false", "data.synthetic.problems=600", f"data.cache_dir={cache}",
+            "optim.warmup_steps=2", "train.steps=5", "checkpoint.every=2"]
+
+
+def _steps_logged(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _torchrun(run: Path, cache: Path, *overrides: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "launch/train.py",
+            f"run_dir={run}", *_small(cache), *overrides]
+
+
+def test_a_rank_hanging_in_a_step_ends_every_rank_and_the_run_resumes(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    allowance_s = 6.0
+    watched = f"train.hang_timeout_minutes={allowance_s / 60}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "hang.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(_torchrun(run, cache, watched, "fault.hang_step=3", "fault.hang_rank=1",
+                                          "fault.hang_seconds=600"),
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while 2 not in _steps_logged(run) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            step_2_done = time.monotonic()
+            code = proc.wait(timeout=allowance_s + SLACK_S + 60)
+            ended = time.monotonic()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    assert code != 0 and 2 in _steps_logged(run) and 3 not in _steps_logged(run), text[-3000:]
+    # every rank ended within the allowance plus the slack, not after the 600 s sleep
+    assert ended - step_2_done < allowance_s + SLACK_S, (ended - step_2_done, text[-3000:])
+    dumps = {rank: (run / "hangs" / f"{HOST}-rank{rank}.txt") for rank in (0, 1)}
+    assert all(p.exists() for p in dumps.values()), (sorted(run.glob("hangs/*")), text[-3000:])
+    stuck, waiting = dumps[1].read_text(), dumps[0].read_text()
+    assert "no progress in step 3" in stuck.splitlines()[0] and "no progress in step 3" in waiting.splitlines()[0]
+    assert "hang_inside_step" in stuck  # the function the stuck rank is in
+    assert "hang_inside_step" not in waiting  # the other rank waits for it elsewhere (a collective)
+    assert text.count(f"exit {EXIT_HUNG} to resume from the last checkpoint") == 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+    # the requeued job: the same command without the fault resumes from step 2 and finishes
+    again = subprocess.run(_torchrun(run, cache, watched), capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env=env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "at step 2" in (again.stdout + again.stderr).split("resumed from", 1)[1].splitlines()[0]
+    assert _steps_logged(run)[-3:] == [3, 4, 5]
