@@ -64,6 +64,9 @@ class Train:
     hang_startup_minutes: float = number(least=0, above=True, meaning="minutes from start to the first step's end")
     hang_save_minutes: float = number(least=0, above=True,
                                       meaning="minutes a checkpoint save or an evaluation may take")
+    straggler_factor: Optional[float] = number(least=1, above=True, meaning="a rank this many times slower than "
+                                               "the median is named; null: never")
+    straggler_windows: int = number(least=1, meaning="log windows in a row a rank is slow before it is named")
 
 
 @dataclass
@@ -114,6 +117,8 @@ class Fault:
     hang_step: Optional[int] = number(default=None, least=1, meaning="the step inside which fault.hang_rank sleeps")
     hang_rank: int = number(default=0, least=0, meaning="the rank that sleeps inside fault.hang_step")
     hang_seconds: float = number(default=3600.0, least=0, above=True, meaning="how long it sleeps")
+    delay_rank: Optional[int] = number(default=None, least=0, meaning="a rank slowed in every step")
+    delay_seconds: float = number(default=0.0, least=0, meaning="how long fault.delay_rank sleeps in every step")
 
 
 @dataclass

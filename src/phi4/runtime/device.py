@@ -60,6 +60,11 @@ class Device:
             return float(configured)
         return next((v for k, v in PEAK_TFLOPS.items() if k in self.name), None) if self.is_cuda else None
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device (nothing to wait for on the CPU)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.index)
+
     def memory_gb(self) -> float:
         """Peak GPU memory allocated, or the process's resident memory on the CPU."""
         if self.is_cuda:

@@ -1,5 +1,6 @@
 """Faults injected on purpose (the `fault` settings group, all off by default), so that the tests
-can show what a run does about them: a rank that hangs inside a step (the hang watchdog)."""
+can show what a run does about them: a rank that hangs inside a step (the hang watchdog), a rank
+slower than the others in every step (the straggler report)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class Faults:
 
     def inside_step(self, step: int) -> None:
         f = self.fault
+        if f.delay_rank == self.rank and f.delay_seconds:
+            time.sleep(f.delay_seconds)
         if f.hang_step == step and f.hang_rank == self.rank:
             log.warning(f"fault.hang_step={step}: rank {self.rank} sleeps {f.hang_seconds} s inside the step")
             hang_inside_step(f.hang_seconds)

@@ -43,6 +43,13 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _ranks_line(ranks: Optional[dict]) -> str:
+    if not ranks:
+        return ""
+    return (f" | ranks {ranks['rank_time_min_s']:.3f}-{ranks['rank_time_max_s']:.3f} s to gradients, slowest "
+            f"{ranks['slowest_rank']} on {ranks['slowest_host']}")
+
+
 class StepLog:
     """The training line every `log_every` steps: loss, lr, gradient norm, and the throughput of
     the steps since the last line (tokens/s, model TFLOP/s per GPU, MFU against `peak`), memory."""
@@ -53,7 +60,8 @@ class StepLog:
         self.flops_per_token, self.world_size, self.peak = flops_per_token, world_size, peak
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def write(self, step: int, result: dict, lr: float, skipped: int, describe: Callable[[dict], str]) -> None:
+    def write(self, step: int, result: dict, lr: float, skipped: int, describe: Callable[[dict], str],
+              ranks: Optional[dict] = None) -> None:
         """Close the window at `step` (every rank: it restarts the clock); the logging rank writes,
         with the objective's own figures (`describe`) in the line."""
         tokens_per_s = self.window_steps * self.tokens_per_step / (time.perf_counter() - self.window_start)
@@ -63,11 +71,11 @@ class StepLog:
             record = dict(step=step, loss=result["loss"], lr=lr, grad_norm=result["grad_norm"],
                           tokens_per_s=tokens_per_s, tflops_per_gpu=tflops,
                           mfu=tflops / self.peak if self.peak else None, memory_gb=device.current().memory_gb(),
-                          skipped_steps=skipped, **scores)
+                          skipped_steps=skipped, **scores, **(ranks or {}))
             mfu = f"{100 * record['mfu']:.1f}%" if self.peak else "n/a"
             described = describe(result)
             self.metrics.write(record, f"step {step:>6}/{self.steps} | loss {result['loss']:.4f} | lr {lr:.2e} | "
                                        f"grad norm {result['grad_norm']:.3f} | {described + ' | ' if described else ''}"
                                        f"{tokens_per_s:,.0f} tokens/s | {tflops:.2f} TFLOP/s/GPU | MFU {mfu} | "
-                                       f"mem {record['memory_gb']:.1f} GB")
+                                       f"mem {record['memory_gb']:.1f} GB{_ranks_line(ranks)}")
         self.window_start, self.window_steps = time.perf_counter(), 0

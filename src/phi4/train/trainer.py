@@ -56,6 +56,7 @@ from phi4.train.metrics import MetricsWriter, StepLog
 from phi4.train.objective import objective_for
 from phi4.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from phi4.train.stop import EXIT_RESUMABLE, StopPolicy, TrainingStopped
+from phi4.train.stragglers import StepTimes
 
 log = logging.getLogger("phi4.train")
 
@@ -164,6 +165,14 @@ class Trainer:
         self.chunks = build_phi4_model(self.model, self.topology, self.precision, config=self.config)
         self.ddp = wrap_ddp(self.chunks, self.config, t.overlap_grad_reduce, t.overlap_param_gather)
         self.optimizer = build_optimizer(self.ddp, self.config, self.optim)
+        self.step_times = StepTimes(t.straggler_factor, t.straggler_windows)
+        reduce_gradients = self.config.finalize_model_grads_func
+
+        def timed_reduction(*args, **kwargs):  # where the ranks wait for each other: each one's own time ends
+            self.step_times.gradients_ready()
+            return reduce_gradients(*args, **kwargs)
+
+        self.config.finalize_model_grads_func = timed_reduction
         self.scheduler = build_scheduler(self.optimizer, self.optim, self.steps)
         init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, self.dp)
         self._closing.callback(unset_num_microbatches_calculator)  # another run may follow in this process
@@ -247,7 +256,7 @@ class Trainer:
             step_log.window_steps += 1
             if state.step % t.log_every == 0 or state.step == steps:
                 step_log.write(state.step, result, self.optimizer.param_groups[0]["lr"], state.skipped_steps,
-                               self.objective.describe)
+                               self.objective.describe, self.step_times.report(state.step))
             with self.watchdog.allow(f"the callbacks after step {state.step}", self.hang_allowances.get("save")):
                 for callback in self.callbacks:
                     callback.after_step(self, state.step)
@@ -265,8 +274,10 @@ class Trainer:
 
     def step(self) -> dict:
         """One global batch: the objective's step, the schedule, the non-finite count."""
+        self.step_times.step_started()
         self.faults.inside_step(self.state.step + 1)
         result = self.objective.train_step(self.ddp, self.optimizer, self.collate(self.batches.next()))
+        self.step_times.step_ended()
         self.state.step += 1
         self.watchdog.arm(f"step {self.state.step + 1}", self.hang_allowances.get("step"))
         self.state.consumed_samples = self.batches.consumed

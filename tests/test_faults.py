@@ -1,7 +1,8 @@
-"""The hang watchdog (phi4.runtime.watchdog): alone in a process, and in a two-rank phi4-train run
-where one rank sleeps inside a step (fault.hang_step): every rank writes its stacks to
-run_dir/hangs/ and exits 76 within the allowance plus a stated slack, and the run resumes from its
-last checkpoint."""
+"""What a run does about a rank that hangs and a rank that is slow: the hang watchdog
+(phi4.runtime.watchdog) alone in a process, and a two-rank phi4-train run whose rank 1 first
+sleeps inside a step (fault.hang_step: every rank writes its stacks to run_dir/hangs/ and exits 76
+within the allowance plus a stated slack) and then, resumed from the last checkpoint, is slowed in
+every step (fault.delay_rank: the straggler report names it)."""
 
 import json
 import os
@@ -73,14 +74,19 @@ def _small(cache):
     return ["model.hidden_size=64", "model.ffn_hidden_size=224", "train.seq_length=32", "train.global_batch_size=4",
             "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0", "eval.every=0",
             "train.tensorboard=false", "data.synthetic.problems=600", f"data.cache_dir={cache}",
-            "optim.warmup_steps=2", "train.steps=5", "checkpoint.every=2"]
+            "optim.warmup_steps=2", "train.steps=5", "checkpoint.every=2", "train.straggler_factor=1.2",
+            "train.straggler_windows=2"]
 
 
-def _steps_logged(run: Path) -> list[int]:
+def _records(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _steps_logged(run: Path) -> list[int]:
+    return [r["step"] for r in _records(run)]
 
 
 def _torchrun(run: Path, cache: Path, *overrides: str) -> list[str]:
@@ -88,7 +94,7 @@ def _torchrun(run: Path, cache: Path, *overrides: str) -> list[str]:
             f"run_dir={run}", *_small(cache), *overrides]
 
 
-def test_a_rank_hanging_in_a_step_ends_every_rank_and_the_run_resumes(tmp_path):
+def test_a_hung_rank_ends_every_rank_and_the_resumed_run_names_a_slow_rank(tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     allowance_s = 6.0
     watched = f"train.hang_timeout_minutes={allowance_s / 60}"
@@ -123,9 +129,20 @@ def test_a_rank_hanging_in_a_step_ends_every_rank_and_the_run_resumes(tmp_path):
     assert text.count(f"exit {EXIT_HUNG} to resume from the last checkpoint") == 2
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
-    # the requeued job: the same command without the fault resumes from step 2 and finishes
-    again = subprocess.run(_torchrun(run, cache, watched), capture_output=True, text=True, cwd=ROOT, timeout=300,
-                           env=env)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert "at step 2" in (again.stdout + again.stderr).split("resumed from", 1)[1].splitlines()[0]
-    assert _steps_logged(run)[-3:] == [3, 4, 5]
+    # the requeued job, without the hang but with rank 1 sleeping 1 s in every step: it resumes from
+    # step 2 and finishes; each record names rank 1 the slowest, and the warning names it from the
+    # second slow window on (train.straggler_windows=2)
+    delay_s = 1.0
+    again = subprocess.run(_torchrun(run, cache, watched, "fault.delay_rank=1", f"fault.delay_seconds={delay_s}"),
+                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-3000:]
+    assert "at step 2" in text.split("resumed from", 1)[1].splitlines()[0]
+    resumed = _records(run)[-3:]
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    for r in resumed:
+        assert (r["slowest_rank"], r["slowest_host"]) == (1, HOST)
+        assert r["rank_time_max_s"] >= delay_s > r["rank_time_min_s"]
+    named = [line for line in text.splitlines() if "is a straggler" in line]
+    assert len(named) == 2 and all(f"rank 1 on {HOST} is a straggler" in line for line in named), named
+    assert "step 4:" in named[0] and "in 2 windows in a row" in named[0] and "in 3 windows in a row" in named[1]

@@ -1,0 +1,66 @@
+"""Which rank is slow: each rank times its own work in every step (from the step's start to the
+gradient reduction, where the data-parallel ranks wait for each other; the device synchronized
+first), and every `train.log_every` steps the ranks gather their window's mean. The log line and
+metrics.jsonl carry the slowest and the fastest rank's time and the slowest rank's host; a rank
+slower than the median by `train.straggler_factor` in `train.straggler_windows` windows in a row
+is named in a warning (again each window it stays slow).
+
+In synchronous training every rank's whole step takes as long as the slowest one's, so the whole
+step's time cannot tell them apart; the time to the gradient reduction can: the fast ranks then
+wait in it. With pipeline parallelism it includes the pipeline's own waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+from phi4.runtime import device
+
+log = logging.getLogger("phi4.train")
+
+
+class StepTimes:
+    def __init__(self, factor: Optional[float], windows: int):
+        self.factor, self.windows = factor, windows
+        self.host = socket.gethostname().split(".")[0]
+        self.window: list[float] = []
+        self.slow_windows: dict[int, int] = {}  # rank -> windows in a row slower than factor x median
+        self._start: Optional[float] = None
+        self._reduced: Optional[float] = None
+
+    def step_started(self) -> None:
+        self._start, self._reduced = time.perf_counter(), None
+
+    def gradients_ready(self) -> None:
+        """Called where the gradient reduction starts (Megatron-Core's finalize_model_grads)."""
+        device.current().synchronize()
+        self._reduced = time.perf_counter()
+
+    def step_ended(self) -> None:
+        self.window.append((self._reduced or time.perf_counter()) - self._start)
+
+    def report(self, step: int) -> dict:
+        """Collective (every rank, at the same steps): the window's figures for the step's record,
+        and the warning for each straggler (on the first rank)."""
+        mine = sum(self.window) / max(1, len(self.window))
+        self.window = []
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, (mine, self.host))
+        times = [t for t, _ in everyone]
+        slowest, fastest = max(range(len(times)), key=times.__getitem__), min(range(len(times)), key=times.__getitem__)
+        median = statistics.median(times)
+        for rank, seconds in enumerate(times):
+            slow = self.factor is not None and seconds > self.factor * median
+            self.slow_windows[rank] = self.slow_windows.get(rank, 0) + 1 if slow else 0
+            if slow and self.slow_windows[rank] >= self.windows and torch.distributed.get_rank() == 0:
+                log.warning(f"step {step}: rank {rank} on {everyone[rank][1]} is a straggler: {seconds:.3f} s to its "
+                            f"gradients against the median {median:.3f} s (more than train.straggler_factor="
+                            f"{self.factor}x) in {self.slow_windows[rank]} windows in a row")
+        return dict(rank_time_min_s=times[fastest], rank_time_max_s=times[slowest], slowest_rank=slowest,
+                    slowest_host=everyone[slowest][1])
