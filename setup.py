@@ -29,7 +29,7 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.50,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50,<6"],
         # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
         "gpu": ["transformer-engine[pytorch]>=2.4"],
     },

@@ -20,7 +20,13 @@ def _gpu_missing() -> str | None:
     return None
 
 
+# The longest module (one SLURM chain of every stage) goes first: `make test` runs the modules on two
+# workers (pytest-xdist, --dist loadfile), and the others then share the second worker.
+FIRST = ("test_stage_chain.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
     reason = None
     for item in items:
         if "gpu" in item.keywords:
