@@ -93,12 +93,20 @@ def default_run(tmp_path_factory, cache):
     return run, out
 
 
-def test_default_run(default_run):
+def test_default_run(default_run, capsys):
     """Loss falls, metrics, validation and the generative evaluation logged, checkpoints kept and
-    pointed at, config saved."""
+    pointed at, config saved; each save's time recorded, which phi4-plan reads (plan.save_from)."""
     tmp_path, out = default_run
     _ok(out)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in records if "checkpoint_save_s" in r]
+    assert [r["step"] for r in saves] == [4, 8, 12] and all(r["checkpoint_save_s"] > 0 for r in saves)
+    from phi4.cli.plan import main as plan_main
+
+    assert plan_main(["--json", f"plan.save_from={tmp_path}"]) == 0
+    planned = json.loads(capsys.readouterr().out)["saves"]
+    assert planned["save_s"] == sorted(r["checkpoint_save_s"] for r in saves)[1]  # the median of three
+    assert planned["save_source"] == f"the median of 3 save(s) measured in {tmp_path}"
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [4, 8, 12]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "memory_gb"} <= set(train_records[0])

@@ -168,6 +168,9 @@ class Plan:
     show_rejected: bool = False
     micro_batch_sizes: List[int] = field(default_factory=lambda: [1])
     recompute: List[str] = field(default_factory=lambda: ["none"])
+    save_seconds: Optional[float] = number(default=None, least=0, above=True,
+                                           meaning="seconds a checkpoint save stops training, for the save interval")
+    save_from: Optional[str] = None  # a phi4-train run directory: its measured saves give the save time
 
 
 @dataclass

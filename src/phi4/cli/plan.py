@@ -26,6 +26,7 @@ from phi4 import conf_dir
 from phi4.errors import ConfigError
 from phi4.logs import config_error_line
 from phi4.plan.estimate import estimate
+from phi4.plan.failures import plan_saves
 from phi4.plan.search import check_layout, search
 from phi4.plan.spec import from_config
 from phi4.runtime.hardware import HardwareConfig
@@ -91,7 +92,24 @@ def format_plan(plan: dict) -> str:
                  f"{plan['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU")
     if plan["days"] is not None:
         lines.append(f"stage    {plan['steps']:,.0f} steps, {plan['tokens'] / 1e9:,.0f}B tokens: {plan['days']:.1f} days")
+    lines += _format_saves(plan.get("saves"))
     return "\n".join(lines)
+
+
+def _format_saves(saves: Optional[dict]) -> list[str]:
+    if saves is None:
+        return ["saves    no failure rate (the cluster file's node_mtbf_hours): no save interval"]
+    lost = saves["lost"]
+    return [
+        "",
+        f"saves    a save stops training {saves['save_s']:.1f} s ({saves['save_source']})",
+        f"  failures           {saves['nodes']} nodes, {saves['node_mtbf_hours']:,.0f} h between failures each: "
+        f"the job fails every {saves['job_mtbf_hours']:.1f} h",
+        f"  interval           every {saves['interval_s'] / 60:.1f} min (Young/Daly): checkpoint.every="
+        f"{saves['checkpoint_every']} at this step time",
+        f"  time lost          {lost['total']:.1%}: saves {lost['saves']:.1%}, work redone after failures "
+        f"{lost['rework']:.1%}, restarts {lost['restarts']:.1%} ({saves['restart_s'] / 60:.0f} min each)",
+    ]
 
 
 def _row(layout: dict) -> str:
@@ -147,6 +165,9 @@ def run(argv: list[str]) -> int:
         return 0
     check_layout(spec)
     plan = estimate(spec, hardware, options["mfu"], margin)
+    per_node = spec.topology.gpus_per_node or int((cfg.get("cluster") or {}).get("gpus_per_node") or 1)
+    plan["saves"] = plan_saves(cfg.get("cluster") or {}, -(-spec.world_size // per_node), spec.model.num_parameters(),
+                               plan["step_time_s"], options["save_seconds"], options["save_from"])
     print(json.dumps(plan) if "--json" in flags else format_plan(plan))
     return 0
 

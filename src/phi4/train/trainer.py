@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,8 +296,14 @@ class Trainer:
         extra = dict(self.state.state_dict(), layout=self.layout, config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
                      weights_fingerprint=weights_fingerprint(self.ddp))
         extra[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model)
+        started = time.perf_counter()
         with self.watchdog.allow(f"the save at step {self.state.step}", self.hang_allowances.get("save")):
             directory = self.checkpointer.save(self.state.step, self.ddp, self.optimizer, self.scheduler, extra, final)
             if wait:
                 self.checkpointer.wait()
+        seconds = time.perf_counter() - started  # what the save stopped training for: phi4-plan's save interval
+        background = self.checkpointing.async_save and not wait
+        self.metrics.write(dict(step=self.state.step, checkpoint_save_s=seconds),
+                           f"step {self.state.step:>6}/{self.steps} | saved {directory.name}: training stopped "
+                           f"{seconds:.2f} s{' (written on in the background)' if background else ''}")
         return directory
