@@ -128,3 +128,18 @@ def optim_settings(**changes):
     from phi4.settings import Optim, load_group
 
     return Optim(**{**load_group("optim", ROOT / "conf" / "optim" / "adam.yaml"), **changes})
+
+
+def trainer_cfg(run_dir, cache, *overrides):
+    """phi4-train's composed config for in-process Trainer runs: a two-layer half-width tiny model,
+    4 samples of 32 tokens a step, no evaluation."""
+    from hydra import compose, initialize_config_dir
+
+    import phi4.settings  # noqa: F401  the schemas
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("train", overrides=[
+            "train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
+            "train.eval_every=0", "eval.every=0", "data.synthetic.problems=600", f"data.cache_dir={cache}",
+            "optim.warmup_steps=0", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=224",
+            f"run_dir={run_dir}", *overrides])

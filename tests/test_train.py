@@ -288,6 +288,8 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, cache):
         (["data.sources=[{name: web, path: /x, weight: 0}]"], "data.sources[0].weight=0.0; valid: a number above 0"),
         (["stage=tiny_dpo", "dpo.beta=0", "data.pairs=/x.jsonl"], "dpo.beta=0.0; valid: a number above 0"),
         (["seed=-1"], "seed=-1; valid: a whole number at least 0"),
+        (["train.spike_action=retry"], "train.spike_action='retry'; valid: skip, rewind"),
+        (["train.hang_timeout_minutes=0"], "train.hang_timeout_minutes=0.0; valid: a number above 0"),
         (["checkpoint.load=/nowhere"], "checkpoint.load=/nowhere: /nowhere is not a Megatron-Core torch_dist checkpoint"),
         (["data.split='98;2'"], "data.split='98;2'; valid: train, validation and test shares"),
         (["data.split='0,0,0'"], "data.split='0,0,0'; valid"),

@@ -8,20 +8,11 @@ import math
 
 from multirank import run_ranks
 
-from helpers import ROOT
+from helpers import trainer_cfg
 
 
 def _cfg(run_dir, cache, *overrides):
-    from hydra import compose, initialize_config_dir
-
-    import phi4.settings  # noqa: F401  the schemas
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("train", overrides=[
-            "train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
-            "train.eval_every=0", "eval.every=0", "data.synthetic.problems=600", f"data.cache_dir={cache}",
-            "optim.warmup_steps=0", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=224",
-            f"run_dir={run_dir}", *overrides])
+    return trainer_cfg(run_dir, cache, *overrides)
 
 
 def _closing(run_dir, cache) -> dict:
@@ -93,4 +84,5 @@ def test_the_trainer_closes_on_every_path(tmp_path):
     assert seen["stopped"].split("the last checkpoint is ")[1].startswith(str(tmp_path / "stopped/checkpoints/step_0000001"))
     assert seen["stopped_closed"] and not seen["stopped_group"]
     assert seen["stopped_latest"] == "step_0000001"
-    assert seen["stopped_state"] == dict(step=2, consumed_samples=8, skipped_steps=2, initialized_from=None)
+    assert seen["stopped_state"] == dict(step=2, consumed_samples=8, skipped_steps=2, initialized_from=None,
+                                        recent_losses=[], skipped_windows=[])

@@ -67,6 +67,10 @@ class Train:
     straggler_factor: Optional[float] = number(least=1, above=True, meaning="a rank this many times slower than "
                                                "the median is named; null: never")
     straggler_windows: int = number(least=1, meaning="log windows in a row a rank is slow before it is named")
+    spike_sigmas: Optional[float] = number(least=0, above=True, meaning="standard deviations above the recent "
+                                           "mean that make a loss a spike; null: no spike handling")
+    spike_window: int = number(least=2, meaning="the recent steps whose losses a spike is measured against")
+    spike_action: str = MISSING  # skip | rewind
 
 
 @dataclass
@@ -119,6 +123,8 @@ class Fault:
     hang_seconds: float = number(default=3600.0, least=0, above=True, meaning="how long it sleeps")
     delay_rank: Optional[int] = number(default=None, least=0, meaning="a rank slowed in every step")
     delay_seconds: float = number(default=0.0, least=0, meaning="how long fault.delay_rank sleeps in every step")
+    corrupt_sample: Optional[int] = number(default=None, least=0, meaning="the batch holding this sample gets "
+                                           "random labels")
 
 
 @dataclass

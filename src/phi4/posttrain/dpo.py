@@ -144,7 +144,7 @@ class DirectPreference(Objective):
 
     def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
         micro_batches = attach_reference_logps(self.reference, micro_batches)
-        return train_step(ddp_chunks, optimizer, micro_batches, dpo_forward_step(self.beta), reduce_report)
+        return train_step(ddp_chunks, optimizer, micro_batches, dpo_forward_step(self.beta), reduce_report, self.gate)
 
     def evaluate(self, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
         return evaluate_preferences(self.reference, self.beta, chunks, micro_batches)

@@ -37,6 +37,8 @@ def total_steps(train: Train) -> int:
 
 def check_training(train: Train, optim: Optim, split: str, run_dir: Path, dp: int, steps: int,
                    model: ModelConfig) -> None:
+    if train.spike_action not in ("skip", "rewind"):
+        raise ConfigError(f"train.spike_action={train.spike_action!r}; valid: skip, rewind")
     if not 0 <= optim.warmup_steps < steps:
         raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be at least 0 and less than train.steps={steps}")
     if train.global_batch_size % (train.micro_batch_size * dp):

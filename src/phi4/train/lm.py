@@ -52,9 +52,10 @@ def evaluate_loss(chunks: list, micro_batches: list[dict]) -> Optional[float]:
     return mean_token_loss(run_schedule(lm_forward_step, chunks, micro_batches, forward_only=True))
 
 
-def lm_train_step(ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
+def lm_train_step(ddp_chunks: list, optimizer, micro_batches: list[dict], gate=None) -> dict:
     """One optimizer step on the next-token loss."""
-    return train_step(ddp_chunks, optimizer, micro_batches, lm_forward_step, lambda r: {"loss": mean_token_loss(r)})
+    return train_step(ddp_chunks, optimizer, micro_batches, lm_forward_step, lambda r: {"loss": mean_token_loss(r)},
+                      gate)
 
 
 @register("lm")
@@ -62,7 +63,7 @@ class LanguageModeling(Objective):
     formats = ("gpt", "packed_chat")
 
     def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
-        return lm_train_step(ddp_chunks, optimizer, micro_batches)
+        return lm_train_step(ddp_chunks, optimizer, micro_batches, self.gate)
 
     def evaluate(self, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
         loss = evaluate_loss(chunks, micro_batches)

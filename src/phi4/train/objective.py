@@ -34,6 +34,7 @@ class Objective:
 
     name = ""
     formats: tuple[str, ...] = ()  # data.format values it reads
+    gate = None  # set by the Trainer: asked with the loss before each update, may veto it (phi4.train.spikes)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg

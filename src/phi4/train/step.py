@@ -14,18 +14,24 @@ from phi4.model.schedule import run_schedule
 
 
 def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict], forward_step,
-               reduce: Callable[[list[dict]], Optional[dict]]) -> dict:
+               reduce: Callable[[list[dict]], Optional[dict]],
+               gate: Optional[Callable[[Optional[float]], Optional[str]]] = None) -> dict:
     """Forward and backward over the micro-batches, then one optimizer step.
 
     Returns `reduce`'s figures (at least `loss`; None off the last pipeline stage), `grad_norm`,
-    and `update_successful` (False when the gradient norm was not finite: no update).
+    and `update_successful` (False when the gradient norm was not finite: no update). `gate`
+    (phi4.train.spikes), asked with the loss before the update, may veto it: then `spike` says why.
     """
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_schedule(forward_step, ddp_chunks, micro_batches, forward_only=False)
+    figures = {"loss": None, **(reduce(reports) or {})}
+    veto = gate(figures["loss"]) if gate is not None else None
+    if veto:
+        return {**figures, "grad_norm": math.nan, "update_successful": False, "spike": veto}
     update_successful, grad_norm = _optimizer_step(optimizer)
-    return {"loss": None, **(reduce(reports) or {}), "grad_norm": grad_norm, "update_successful": update_successful}
+    return {**figures, "grad_norm": grad_norm, "update_successful": update_successful}
 
 
 def _optimizer_step(optimizer) -> tuple[bool, Optional[float]]:

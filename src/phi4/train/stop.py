@@ -32,6 +32,8 @@ class StopPolicy:
     def after_update(self, step: int, result: dict, latest_checkpoint, is_logger: bool) -> None:
         """Count non-finite steps in a row (every rank sees the same, the norm being all-reduced);
         too many raise TrainingStopped."""
+        if result.get("spike"):
+            return  # the spike policy's (phi4.train.spikes), not a non-finite gradient
         if result["update_successful"]:
             self.in_a_row = 0
             return

@@ -49,7 +49,10 @@ from phi4.runtime.launch_env import read_launch_env
 from phi4.runtime.run_dir import RunDirectory
 from phi4.runtime.watchdog import Watchdog, nccl_flight_recorder
 from phi4.settings import Fault, data_settings
-from phi4.train import lm  # noqa: F401  registers the default objective, language modelling
+from phi4.train import (
+    lm,  # noqa: F401  registers the default objective, language modelling
+    spikes,
+)
 from phi4.train.callbacks import Callback
 from phi4.train.checks import check_numbers, check_resume, check_start_points, check_training, total_steps
 from phi4.train.faults import Faults
@@ -78,6 +81,8 @@ class TrainState:
     consumed_samples: int = 0
     skipped_steps: int = 0
     initialized_from: Optional[dict] = None  # the checkpoint a stage started from, and its weights' fingerprint
+    recent_losses: list = dataclasses.field(default_factory=list)  # the spike window (phi4.train.spikes)
+    skipped_windows: list = dataclasses.field(default_factory=list)  # [first, end) samples skipped for spikes
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,6 +90,8 @@ class TrainState:
     def load_state_dict(self, saved: dict) -> None:
         self.step, self.consumed_samples = saved["step"], saved["consumed_samples"]
         self.skipped_steps, self.initialized_from = saved["skipped_steps"], saved.get("initialized_from")
+        self.recent_losses = list(saved.get("recent_losses") or [])
+        self.skipped_windows = [list(w) for w in saved.get("skipped_windows") or []]
 
 
 class Trainer:
@@ -150,7 +157,7 @@ class Trainer:
         # what the start writes (config.yaml, tensorboard/) is removed again if it fails before a step
         self.run_files = self._closing.enter_context(RunDirectory(self.run_dir, self.launch.rank))
         self.watchdog = self._start_watchdog()
-        self.faults = Faults(self.fault, self.launch.rank)
+        self.faults = Faults(self.fault, self.launch.rank, self.model.vocab_size)
         self.device = device.select(self.launch.local_rank)
         check_on_device(self.precision, self.device)
         # the process group's own timeout (NCCL's watchdog) is the backstop behind ours
@@ -189,6 +196,8 @@ class Trainer:
                            dp=self.dp)
         self.state = TrainState()
         self._restore()
+        if t.spike_sigmas is not None:
+            self.objective.gate = spikes.SpikeGuard(t.spike_sigmas, t.spike_window, self.state)
         self.log_info(model_summary(self.model, self.topology, self.chunks,
                                 f"dp={self.dp} | {self.steps} steps | run dir {self.run_dir.resolve()}"))
 
@@ -254,6 +263,8 @@ class Trainer:
                            self.device.peak_tflops(t.peak_tflops))
         while state.step < steps:
             result = self.step()
+            if result.get("rewound"):  # back at a checkpoint's step (train.spike_action=rewind)
+                continue
             step_log.window_steps += 1
             if state.step % t.log_every == 0 or state.step == steps:
                 step_log.write(state.step, result, self.optimizer.param_groups[0]["lr"], state.skipped_steps,
@@ -277,7 +288,10 @@ class Trainer:
         """One global batch: the objective's step, the schedule, the non-finite count."""
         self.step_times.step_started()
         self.faults.inside_step(self.state.step + 1)
-        result = self.objective.train_step(self.ddp, self.optimizer, self.collate(self.batches.next()))
+        first = self.batches.consumed
+        micro_batches = self.collate(self.batches.next())
+        self.faults.corrupt(first, self.batches.consumed, micro_batches)
+        result = self.objective.train_step(self.ddp, self.optimizer, micro_batches)
         self.step_times.step_ended()
         self.state.step += 1
         self.watchdog.arm(f"step {self.state.step + 1}", self.hang_allowances.get("step"))
@@ -288,6 +302,8 @@ class Trainer:
         else:
             self.state.skipped_steps += 1
         self.stop.after_update(self.state.step, result, self.checkpointer.newest, self.is_logger)
+        if result.get("spike"):
+            result["rewound"] = spikes.respond(self, result, first)
         self.checkpointer.poll()
         return result
 
