@@ -230,6 +230,8 @@ def test_text_report(capsys):
     (["plan.gpus=abc"], "plan.gpus=abc; Value 'abc' of type 'str' could not be converted to Integer"),
     (["plan.mfu=2"], "plan.mfu=2.0; valid: a number above 0 and at most 1"),
     (["plan.gpus=-8"], "plan.gpus=-8; valid"),
+    (["plan.save_from=/nowhere"], "plan.save_from=/nowhere: no metrics.jsonl there"),
+    (["plan.save_seconds=0"], "plan.save_seconds=0.0; valid: a number above 0"),
 ])
 def test_bad_input_is_one_clear_error(capsys, args, message):
     assert plan_main(args) == 2

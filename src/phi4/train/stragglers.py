@@ -42,6 +42,17 @@ class StepTimes:
         device.current().synchronize()
         self._reduced = time.perf_counter()
 
+    def watch(self, config) -> None:
+        """Have the schedules' gradient reduction (`config.finalize_model_grads_func`) end each
+        rank's own time first: there the ranks wait for each other."""
+        reduce_gradients = config.finalize_model_grads_func
+
+        def timed_reduction(*args, **kwargs):
+            self.gradients_ready()
+            return reduce_gradients(*args, **kwargs)
+
+        config.finalize_model_grads_func = timed_reduction
+
     def step_ended(self) -> None:
         self.window.append((self._reduced or time.perf_counter()) - self._start)
 

@@ -174,13 +174,7 @@ class Trainer:
         self.ddp = wrap_ddp(self.chunks, self.config, t.overlap_grad_reduce, t.overlap_param_gather)
         self.optimizer = build_optimizer(self.ddp, self.config, self.optim)
         self.step_times = StepTimes(t.straggler_factor, t.straggler_windows)
-        reduce_gradients = self.config.finalize_model_grads_func
-
-        def timed_reduction(*args, **kwargs):  # where the ranks wait for each other: each one's own time ends
-            self.step_times.gradients_ready()
-            return reduce_gradients(*args, **kwargs)
-
-        self.config.finalize_model_grads_func = timed_reduction
+        self.step_times.watch(self.config)
         self.scheduler = build_scheduler(self.optimizer, self.optim, self.steps)
         init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, self.dp)
         self._closing.callback(unset_num_microbatches_calculator)  # another run may follow in this process
