@@ -49,3 +49,21 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory):
+    """A private two-node SLURM cluster: nodes n1 and n2, each a slurmd in a network namespace of its
+    own (tests/netns.py), one slurmctld. Skips where SLURM or network namespaces are missing."""
+    import netns
+    from slurm_cluster import SlurmCluster, missing_reason
+
+    reason = missing_reason() or netns.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    netns.remove_stale()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

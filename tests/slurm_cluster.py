@@ -1,7 +1,9 @@
-"""A private single-node SLURM cluster for one test session: munged, slurmctld and slurmd from
-Debian's packages, run as root with every file (slurm.conf, state, spool, logs, munge key and
-socket) under one temporary directory and on two free ports, so a real installation on the same
-machine is never touched. `tests/conftest.py` wraps it in the session fixture `slurm_cluster`.
+"""A private SLURM cluster for one test session: munged, slurmctld and slurmd from Debian's
+packages, run as root with every file (slurm.conf, state, spool, logs, munge key and socket) under
+one temporary directory and on two free ports, so a real installation on the same machine is never
+touched. `tests/conftest.py` wraps it in the session fixtures `slurm_cluster` (one node: this
+machine) and `two_node_cluster` (nodes n1 and n2, each a slurmd in a network namespace of its own:
+tests/netns.py).
 
 Finished jobs stay in slurmctld's memory for a day (MinJobAge), so `scontrol show job` answers
 for them; there is no slurmdbd, and jobcomp/filetxt keeps a line per finished run as well.
@@ -26,6 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from netns import Network
 
 INSTALL_HINT = "run .ci/run, or apt-get install slurmctld slurmd slurm-client munge"
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
@@ -119,11 +123,16 @@ class SlurmCluster:
     plus SLURM_CONF pointing at this cluster's slurm.conf.
     """
 
-    def __init__(self, root: Path, partition: str = "test", start_timeout: float = 30.0):
+    def __init__(self, root: Path, partition: str = "test", start_timeout: float = 30.0, nodes: int = 1):
         self.root = Path(root)
         self.partition = partition
         self.start_timeout = start_timeout
-        self.node = socket.gethostname().split(".")[0]
+        self.host = socket.gethostname().split(".")[0]
+        # One node is this machine itself; more are n1, n2, ... in network namespaces (start()).
+        self.nodes = [self.host] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
+        self.node = self.nodes[0]
+        self.network: Network | None = None
+        self.addresses = {self.host: "127.0.0.1"} if nodes == 1 else {}
         self.conf = self.root / "slurm.conf"
         self.logs = self.root / "log"
         self.jobcomp = self.root / "jobcomp.txt"
@@ -151,8 +160,9 @@ class SlurmCluster:
                 return a, b
 
     # ---------------------------------------------------------------- configuration
-    def _node_line(self) -> str:
-        """NodeName from `slurmd -C` (the hardware slurmd will report), RealMemory 5% lower."""
+    def _node_lines(self) -> list[str]:
+        """One NodeName line per node, with the hardware `slurmd -C` reports (every node is this
+        machine), RealMemory 5% lower."""
         try:
             out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=20,
                                  env=self.env).stdout.splitlines()[0]
@@ -165,14 +175,18 @@ class SlurmCluster:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
             topology = ""
         real_memory = max(1, min(memory - 256, int(memory * 0.95)))
-        return (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} {topology} "
-                f"RealMemory={real_memory} State=UNKNOWN")
+        return [f"NodeName={node} NodeAddr={self.addresses[node]} CPUs={self.cpus} {topology} "
+                f"RealMemory={real_memory} State=UNKNOWN" for node in self.nodes]
+
+    @property
+    def controller_address(self) -> str:
+        return self.network.controller_address if self.network else "127.0.0.1"
 
     def write_conf(self, **overrides: str) -> None:
         r = self.root
         settings = {
             "ClusterName": "phi4test",
-            "SlurmctldHost": f"{self.node}(127.0.0.1)",
+            "SlurmctldHost": f"{self.host}({self.controller_address})",
             "SlurmctldPort": str(self.ctld_port),
             "SlurmdPort": str(self.slurmd_port),
             # Everything runs as root: the daemons and the test jobs.
@@ -185,11 +199,12 @@ class SlurmCluster:
             "CredType": "cred/munge",
             "AuthInfo": f"socket={self.munge_socket},cred_expire=5",
             "StateSaveLocation": str(r / "state"),
-            "SlurmdSpoolDir": str(r / "spool"),
+            # Per node (%n): the nodes share this machine's file system.
+            "SlurmdSpoolDir": str(r / "spool" / "%n"),
             "SlurmctldPidFile": str(r / "slurmctld.pid"),
-            "SlurmdPidFile": str(r / "slurmd.pid"),
+            "SlurmdPidFile": str(r / "slurmd-%n.pid"),
             "SlurmctldLogFile": str(self.logs / "slurmctld.log"),
-            "SlurmdLogFile": str(self.logs / "slurmd.log"),
+            "SlurmdLogFile": str(self.logs / "slurmd-%n.log"),
             "SlurmctldDebug": "info",
             "SlurmdDebug": "info",
             "PlugStackConfig": str(r / "plugstack.conf"),   # empty: not /etc/slurm's SPANK plugins
@@ -221,21 +236,27 @@ class SlurmCluster:
         }
         settings.update(overrides)
         lines = [f"{k}={v}" for k, v in settings.items() if v is not None]
-        lines.append(self._node_line())
-        lines.append(f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP")
+        lines += self._node_lines()
+        lines.append(f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, **conf_overrides: str) -> SlurmCluster:
-        for d in (self.root, self.root / "state", self.root / "spool", self.logs, self.munge_dir):
+        spools = [self.root / "spool" / node for node in self.nodes]  # slurmd does not make its own
+        for d in (self.root, self.root / "state", *spools, self.logs, self.munge_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.munge_dir.chmod(0o700)
         (self.root / "plugstack.conf").write_text("")
         try:
+            if len(self.nodes) > 1:
+                self.network = Network(self.nodes, self.root, controller=self.host).up()
+                self.addresses = dict(self.network.addresses)
             self.write_conf(**conf_overrides)
             self._start_munged()
             self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
-            self._spawn("slurmd", ["slurmd", "-D"])
+            for node in self.nodes:
+                argv = ["slurmd", "-D", "-N", node]
+                self._spawn(f"slurmd-{node}", self.network.wrap(node, argv) if self.network else argv)
             self._wait_idle()
         except BaseException as e:
             msg = f"the private SLURM cluster under {self.root} did not come up: {e}\n{self.log_tails()}"
@@ -277,11 +298,12 @@ class SlurmCluster:
 
     def _wait_idle(self) -> None:
         def idle() -> bool:
-            r = self.run(["sinfo", "-h", "-N", "-n", self.node, "-p", self.partition, "-o", "%T"], timeout=10)
-            return r.returncode == 0 and r.stdout.strip() == "idle"
+            r = self.run(["sinfo", "-h", "-N", "-p", self.partition, "-o", "%N %T"], timeout=10)
+            return r.returncode == 0 and sorted(r.stdout.split()) == sorted(
+                [*self.nodes, *["idle"] * len(self.nodes)])
 
         self._poll(lambda: self.run(["scontrol", "ping"], timeout=10).returncode == 0, "slurmctld (scontrol ping)")
-        self._poll(idle, f"node {self.node} to be idle in partition {self.partition}")
+        self._poll(idle, f"node(s) {','.join(self.nodes)} to be idle in partition {self.partition}")
 
     def stop(self) -> None:
         """Cancel what still runs, stop the daemons, then end any process left from this
@@ -296,7 +318,7 @@ class SlurmCluster:
                         time.sleep(0.2)
             except (SlurmClusterError, subprocess.SubprocessError):
                 pass  # slurmctld does not answer: stop it anyway
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*(f"slurmd-{node}" for node in self.nodes), "slurmctld", "munged"):
             p = self._procs.get(name)
             if p is None or p.poll() is not None:
                 continue
@@ -311,6 +333,8 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self.network is not None:
+            self.network.down()
         if self._short_dir is not None:
             shutil.rmtree(self._short_dir, ignore_errors=True)
 
@@ -331,8 +355,8 @@ class SlurmCluster:
         """The daemons' logs; munged logs to stderr in the foreground, and slurmctld/slurmd
         repeat their log there, with the fatal errors from before the log file opened."""
         parts = []
-        for name, n in (("munged.stderr", lines), ("slurmctld.log", lines), ("slurmd.log", lines),
-                        ("slurmctld.stderr", 5), ("slurmd.stderr", 5)):
+        slurmd = [(f"slurmd-{node}{ext}", n) for node in self.nodes for ext, n in ((".log", lines), (".stderr", 5))]
+        for name, n in (("munged.stderr", lines), ("slurmctld.log", lines), ("slurmctld.stderr", 5), *slurmd):
             path = self.logs / name
             if path.exists() and path.stat().st_size:
                 parts.append(f"--- {path} (last {n} lines)\n{_tail(path, n)}")
