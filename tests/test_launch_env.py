@@ -3,6 +3,7 @@
 import pytest
 
 from phi4.errors import ConfigError
+from phi4.runtime.distributed import describe_placement
 from phi4.runtime.launch_env import first_host, read_launch_env
 
 
@@ -18,6 +19,15 @@ from phi4.runtime.launch_env import first_host, read_launch_env
 )
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("hosts, line", [
+    (["n1", "n1", "n2", "n2"], "n1: ranks 0-1 | n2: ranks 2-3"),
+    (["b", "a", "b", "b", "a", "c"], "b: ranks 0,2-3 | a: ranks 1,4 | c: ranks 5"),
+    (["solo"], "solo: ranks 0"),
+])
+def test_the_placement_line_names_each_hosts_ranks(hosts, line):
+    assert describe_placement(hosts) == line
 
 
 def test_torchrun_environment():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 from datetime import timedelta
 from typing import Optional
 
@@ -62,6 +63,43 @@ def seed_all(seed: int) -> None:
     numpy.random.seed(seed + offset)
     torch.manual_seed(seed + offset)
     model_parallel_cuda_manual_seed(seed + offset)
+
+
+def host_name() -> str:
+    """This machine's short host name: what SLURM calls the node."""
+    return socket.gethostname().split(".")[0]
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def describe_placement(hosts: list[str]) -> str:
+    """Rank i ran on hosts[i] -> "n1: ranks 0-1 | n2: ranks 2-3", hosts in the order of their first rank."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(rank)
+    return " | ".join(f"{host}: ranks {_spans(ranks)}" for host, ranks in by_host.items())
+
+
+def placement() -> str:
+    """Where every rank runs (a collective: every rank calls it), for the run's log; warns when a
+    tensor-parallel group spans hosts, so that its all-reduces in every layer cross the network."""
+    hosts = [""] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, host_name())
+    group = torch.distributed.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+    spanned = sorted({hosts[r] for r in group})
+    if len(spanned) > 1 and parallel_state.get_tensor_model_parallel_rank() == 0:
+        log.warning(f"tensor-parallel ranks {_spans(group)} span hosts {', '.join(spanned)}: their all-reduces "
+                    f"cross the network (keep topology.tp within the tasks of one node)")
+    return describe_placement(hosts)
 
 
 def shutdown() -> None:

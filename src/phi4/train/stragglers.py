@@ -13,7 +13,6 @@ wait in it. With pipeline parallelism it includes the pipeline's own waits.
 from __future__ import annotations
 
 import logging
-import socket
 import statistics
 import time
 from typing import Optional
@@ -21,6 +20,7 @@ from typing import Optional
 import torch
 
 from phi4.runtime import device
+from phi4.runtime.distributed import host_name
 
 log = logging.getLogger("phi4.train")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("phi4.train")
 class StepTimes:
     def __init__(self, factor: Optional[float], windows: int):
         self.factor, self.windows = factor, windows
-        self.host = socket.gethostname().split(".")[0]
+        self.host = host_name()
         self.window: list[float] = []
         self.slow_windows: dict[int, int] = {}  # rank -> windows in a row slower than factor x median
         self._start: Optional[float] = None

@@ -44,7 +44,7 @@ from phi4.model.flops import flops_per_token
 from phi4.model.parallel import check_on_device
 from phi4.model.validate import check_run
 from phi4.runtime import device
-from phi4.runtime.distributed import init_distributed, shutdown
+from phi4.runtime.distributed import init_distributed, placement, shutdown
 from phi4.runtime.launch_env import read_launch_env
 from phi4.runtime.run_dir import RunDirectory
 from phi4.runtime.watchdog import Watchdog, nccl_flight_recorder
@@ -164,6 +164,7 @@ class Trainer:
         init_distributed(self.topology, seed=cfg.seed, launch=self.launch,
                          timeout_s=max(600.0, 60 * max(self.hang_allowances.values(), default=0) + 120))
         self._closing.callback(shutdown)
+        where = placement()
         self.stop = StopPolicy(t)
         rank = torch.distributed.get_rank()
         self.run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -194,6 +195,7 @@ class Trainer:
             self.objective.gate = spikes.SpikeGuard(t.spike_sigmas, t.spike_window, self.state)
         self.log_info(model_summary(self.model, self.topology, self.chunks,
                                 f"dp={self.dp} | {self.steps} steps | run dir {self.run_dir.resolve()}"))
+        self.log_info(f"placement: {where}")
 
         train_ds, self.valid_dataset = build_train_valid(self.data, self.data_format, sources, t.seq_length,
                                                          self.steps * t.global_batch_size, max(t.eval_samples, 1),
