@@ -56,3 +56,17 @@ def test_the_stage_script_requeues_a_run_that_hung(slurm_cluster):
     assert slurm_cluster.job(job_id).restarts == 1
     out = slurm_cluster.output(job_id)
     assert "restart 0" in out and "a rank hung" in out and "restart 1" in out and out.rstrip().endswith("exit 0")
+
+
+def test_the_stage_script_stops_requeueing_failures_after_phi4_max_restarts(slurm_cluster):
+    """A failure (here a hang's 76) past PHI4_MAX_RESTARTS restarts ends the job with its code."""
+    from helpers import ROOT
+
+    task = 'echo "restart ${SLURM_RESTART_COUNT:-0}"; exit 76'
+    job_id = slurm_cluster.submit([ROOT / "slurm" / "stage.sbatch", "bash", "-c", task], *ONE_CPU,
+                                  "--export=ALL,PHI4_MAX_RESTARTS=0", cwd=ROOT)
+    assert slurm_cluster.wait(job_id, timeout=60) == {job_id: "FAILED"}
+    job = slurm_cluster.job(job_id)
+    assert (job.restarts, job.exit_code) == (0, 76)
+    out = slurm_cluster.output(job_id)
+    assert "not requeueing: the job has restarted 0 times (PHI4_MAX_RESTARTS)" in out and out.rstrip().endswith("exit 76")
