@@ -1,20 +1,28 @@
-"""The Phi-4 stage chain on a real single-node SLURM cluster: slurm/pipeline.sh submits pretrain ->
-midtrain -> sft -> pts -> dpo (the tiny model, conf/cluster/local_cpu.yaml), every job completes,
-each stage starts from the previous stage's final checkpoint (checked by the weights'
-fingerprint, not assumed from the command line), the SFT job reaches its time limit's warning,
-requeues itself and finishes from its checkpoint, and a Hydra multirun reaches the same cluster
-through the submitit launcher.
+"""The Phi-4 stage chain on a real two-node SLURM cluster (n1 and n2, each a slurmd in a network
+namespace of its own: tests/netns.py): slurm/pipeline.sh submits pretrain -> midtrain -> sft -> pts
+-> dpo (the tiny model, conf/cluster/local_cpu.yaml), every job completes, each stage starts from the
+previous stage's final checkpoint (checked by the weights' fingerprint, not assumed from the command
+line), and a Hydra multirun reaches the same cluster through the submitit launcher.
 
-One chain serves every check (it costs about four minutes on two cores); the checks are separate
+Pre-training runs on both nodes, 2 tasks each, TP=2 inside a node and DP=2 across: every rank runs
+where SLURM put it and the losses equal a one-node run's of the same layout. Mid-stage the test kills
+n2's tasks, as a node failure would: the job ends on both nodes at once, is requeued and resumes from
+the last complete checkpoint. The SFT job reaches its time limit's warning, requeues itself and
+finishes from its checkpoint.
+
+One chain serves every check (it costs about ten minutes on two cores); the checks are separate
 tests over it so that each failure names what broke.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +30,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
+# Pre-training on two nodes: 16 steps, a checkpoint every 4, n2's tasks killed once step 6 is logged.
+PRETRAIN = dict(steps=16, every=4, kill_after=6, victim="n2")
+PRETRAIN_LAYOUT = ["topology.tp=2", f"train.steps={PRETRAIN['steps']}", "train.log_every=1",
+                   f"checkpoint.every={PRETRAIN['every']}"]
 
 
 def _common(run_dir: Path) -> dict:
@@ -34,10 +46,19 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _with(overrides: list[str], replacing: list[str]) -> list[str]:
+    """`overrides` with each key of `replacing` set to its new value (Hydra refuses a key twice)."""
+    keys = {o.split("=", 1)[0] for o in replacing}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + replacing
+
+
 @pytest.fixture(scope="module")
-def chain(slurm_cluster, tmp_path_factory):
+def chain(two_node_cluster, tmp_path_factory):
+    slurm_cluster = two_node_cluster
     root = tmp_path_factory.mktemp("chain")
     settings = yaml.safe_load((ROOT / "conf/cluster/local_cpu.yaml").read_text())
+    pretrain = settings["stages"]["pretrain"]
+    pretrain.update(nodes=2, tasks_per_node=2, overrides=_with(pretrain["overrides"], PRETRAIN_LAYOUT))
     # The SFT stage gets a two-minute limit and its warning 75 s before it: slurmctld checks
     # limits every 30 s, so the warning comes 15-45 s into the job, mid-stage.
     settings["stages"]["sft"].update(time_limit="00:02:00", signal_seconds=75)
@@ -50,14 +71,70 @@ def chain(slurm_cluster, tmp_path_factory):
     assert out.returncode == 0, out.stdout + out.stderr
     jobs = dict(re.findall(r"^(\w+): job (\d+) ->", out.stdout, re.M))
     assert list(jobs) == ["pretrain", "midtrain", "sft", "pts", "dpo"], out.stdout
+    pretrain_log = runs / "logs" / f"pretrain-{jobs['pretrain']}.out"
+    kill = _kill_a_node_mid_stage(slurm_cluster, jobs["pretrain"], pretrain_log, runs / "pretrain")
+    one_node = _one_node_pretrain(pretrain["overrides"], root / "one_node")  # alongside the chain's later stages
     sweep = _submit_sweep(env, root)
     _lift_limit_once_warned(slurm_cluster, jobs["sft"], runs / "logs" / f"sft-{jobs['sft']}.out")
     states = slurm_cluster.wait(list(jobs.values()), timeout=900, poll=1.0)
     logs = {stage: (runs / "logs").glob(f"{stage}-*.out") for stage in jobs}
     logs = {stage: "\n".join(p.read_text() for p in paths) for stage, paths in logs.items()}
     sweep_out, sweep_err = sweep.communicate(timeout=300)
-    return dict(runs=runs, jobs=jobs, states=states, logs=logs, cluster=slurm_cluster,
+    one_node_out = one_node.communicate(timeout=300)[0]
+    return dict(runs=runs, jobs=jobs, states=states, logs=logs, cluster=slurm_cluster, kill=kill,
+                one_node=(one_node.returncode, one_node_out, root / "one_node"),
                 sweep=(sweep.returncode, sweep_out + sweep_err, root / "sweep"))
+
+
+def _is_task(pid: int) -> bool:
+    """A training process (a task srun started, or a process it forked), not the batch script or
+    srun, whose command lines name the same command."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return Path(argv[0].decode()).name.startswith("python") and b"phi4.cli.train" in argv
+
+
+def _task_pids(cluster, node: str) -> list[int]:
+    return [pid for pid in cluster.network.pids(node) if _is_task(pid)]
+
+
+def _kill_a_node_mid_stage(cluster, job_id: str, log: Path, run_dir: Path, timeout: float = 300) -> dict:
+    """Once pre-training has logged step PRETRAIN["kill_after"], SIGKILL its processes on
+    PRETRAIN["victim"], as a node failure ends them; then wait for the batch script to requeue the
+    job. Returns what the checks need: the checkpoint `latest` named at the kill, the seconds until
+    the requeue, and the processes of both nodes that had to be gone by then."""
+    deadline = time.monotonic() + timeout
+    step = re.compile(rf"step +{PRETRAIN['kill_after']}/{PRETRAIN['steps']} \| loss")
+    while not (log.exists() and step.search(log.read_text())):
+        assert not cluster.job(job_id).finished, f"pretraining ended before step {PRETRAIN['kill_after']}"
+        assert time.monotonic() < deadline, f"no step {PRETRAIN['kill_after']} in {timeout:.0f} s"
+        time.sleep(0.05)
+    tasks = {node: _task_pids(cluster, node) for node in cluster.nodes}
+    for pid in tasks[PRETRAIN["victim"]]:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()  # nothing can complete after the kill
+    while "requeueing job" not in log.read_text():
+        assert time.monotonic() < killed + 120, log.read_text()[-3000:]
+        time.sleep(0.1)
+    alive = [pid for pids in tasks.values() for pid in pids if _is_task(pid)]
+    return dict(tasks=tasks, latest=latest, seconds=time.monotonic() - killed, alive=alive)
+
+
+def _one_node_pretrain(overrides: list[str], run_dir: Path) -> subprocess.Popen:
+    """The pre-training stage's run on one node (4 processes under torchrun), for its losses."""
+    cmd = [str(PYTHON.parent / "torchrun"), "--nproc-per-node", "4", "--master-port", str(_free_port()),
+           "launch/train.py", *overrides, f"run_dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _free_port() -> int:
+    from phi4.runtime.launch_env import free_port
+
+    return free_port()
 
 
 def _lift_limit_once_warned(cluster, job_id: str, log: Path, timeout: float = 600) -> None:
@@ -91,6 +168,53 @@ def test_every_job_completes(chain):
     assert chain["states"] == dict.fromkeys(chain["jobs"].values(), "COMPLETED"), \
         {s: chain["logs"][s][-3000:] for s in chain["jobs"]}
     assert (chain["runs"] / "dpo" / "checkpoints" / "final").exists()
+
+
+def _segments(steps: list[int]) -> list[list[int]]:
+    """The runs one after another in a metrics.jsonl: a new one starts where the step goes back."""
+    runs: list[list[int]] = []
+    for i, step in enumerate(steps):
+        if not runs or step <= steps[i - 1]:
+            runs.append([])
+        runs[-1].append(step)
+    return runs
+
+
+def test_pretraining_ranks_run_where_slurm_put_them(chain):
+    """2 nodes x 2 tasks: ranks 0-1 on the job's first node, 2-3 on its second (srun's block
+    distribution), as each rank's own host name says in the run's log; TP=2 stays inside a node."""
+    job = chain["cluster"].job(chain["jobs"]["pretrain"])
+    nodes = chain["cluster"].run(["scontrol", "show", "hostnames", job.fields["NodeList"]], check=True).stdout.split()
+    assert len(nodes) == 2, job.fields
+    log = chain["logs"]["pretrain"]
+    placements = re.findall(r"placement: (.*)", log)
+    assert len(placements) == 2, log[-3000:]  # the first run and the requeued one
+    assert set(placements) == {f"{nodes[0]}: ranks 0-1 | {nodes[1]}: ranks 2-3"}, placements
+    assert "tp=2" in log and "dp=2" in log and "span hosts" not in log
+
+
+def test_pretraining_on_two_nodes_has_the_one_node_losses(chain):
+    code, output, one_node = chain["one_node"]
+    assert code == 0, output[-3000:]
+    reference = {m["step"]: m["loss"] for m in _metrics(one_node) if "loss" in m}
+    assert sorted(reference) == list(range(1, PRETRAIN["steps"] + 1))
+    for m in _metrics(chain["runs"] / "pretrain"):  # both runs of the requeued job
+        if "loss" in m:
+            assert m["loss"] == pytest.approx(reference[m["step"]], rel=1e-6, abs=0), m["step"]
+
+
+def test_a_killed_node_ends_the_job_everywhere_and_it_resumes_from_the_last_checkpoint(chain):
+    kill, log = chain["kill"], chain["logs"]["pretrain"]
+    assert kill["tasks"]["n1"] and kill["tasks"]["n2"], kill
+    # promptly on every node: srun ends the other tasks at once (KillWait is 2 s here)
+    assert kill["seconds"] < 30 and kill["alive"] == [], kill
+    assert "a task was killed" in log and chain["cluster"].job(chain["jobs"]["pretrain"]).restarts == 1
+    saved = int(kill["latest"].removeprefix("step_"))
+    assert saved >= PRETRAIN["every"] and saved % PRETRAIN["every"] == 0, kill
+    assert re.search(rf"resumed from \S+/pretrain/checkpoints/{kill['latest']} at step {saved}\b", log), log[-3000:]
+    first, resumed = _segments([m["step"] for m in _metrics(chain["runs"] / "pretrain") if "loss" in m])
+    assert first[0] == 1 and first[-1] >= PRETRAIN["kill_after"], first
+    assert resumed == list(range(saved + 1, PRETRAIN["steps"] + 1)), resumed  # no step after the checkpoint twice
 
 
 @pytest.mark.parametrize("stage,previous", [("midtrain", "pretrain"), ("sft", "midtrain"), ("dpo", "sft")])
