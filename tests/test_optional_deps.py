@@ -1,6 +1,7 @@
 """phi4 imports and the local spec builds with neither Transformer Engine nor apex."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -27,16 +28,36 @@ MODULES = [
 ]
 
 
-def test_import_phi4_loads_no_gpu_library():
+@pytest.fixture(scope="module")
+def imported():
+    """Every module above imported in a fresh process, and the local spec built: what got loaded."""
     code = (
-        "import sys\n"
+        "import json, sys\n"
         f"for name in {MODULES!r}: __import__(name)\n"
         "import phi4.model.spec as spec; spec.phi4_layer_spec('local')\n"
-        "print(sorted(m for m in ('transformer_engine', 'apex') if m in sys.modules))\n"
+        "import torch, megatron.core.jit as jit\n"
+        "print(json.dumps(dict(gpu=sorted(m for m in ('transformer_engine', 'apex') if m in sys.modules),\n"
+        "    cuda=torch.cuda.is_available(), inductor='torch._inductor.compile_fx' in sys.modules,\n"
+        "    compile=torch.compile.__module__, jit_fuser=jit.jit_fuser.__qualname__)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_phi4_loads_no_gpu_library(imported):
+    assert imported["gpu"] == []
+
+
+def test_megatron_loads_without_torch_compile_where_cuda_is_absent(imported):
+    """phi4's import hook: Megatron-Core's modules load with torch.compile a no-op on the CPU (its
+    fused functions run as written), so torch's compiler stack is never imported; torch.compile
+    itself is left as it was."""
+    if imported["cuda"]:
+        assert imported["jit_fuser"] == "compile", imported  # with CUDA nothing changes
+        return
+    assert imported["jit_fuser"] == "_no_op_compile" and not imported["inductor"], imported
+    assert imported["compile"] == "torch", imported
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed")

@@ -3,6 +3,9 @@
 Importing the package is cheap and needs neither a GPU nor Transformer Engine nor apex; the
 heavy modules are imported where they are used.
 """
+import importlib.abc
+import importlib.machinery
+import sys
 from importlib.resources import files
 
 __version__ = "0.1.0"
@@ -12,3 +15,43 @@ def conf_dir() -> str:
     """The Hydra configs' folder, found through the installed package phi4.conf: the checkout's
     conf/ under an editable install, the wheel's copy otherwise."""
     return str(files("phi4.conf"))
+
+
+def _no_op_compile(model=None, **options):
+    """torch.compile as a decorator that changes nothing (with or without options)."""
+    return model if model is not None else _no_op_compile
+
+
+class _MegatronWithoutTorchCompile(importlib.abc.MetaPathFinder):
+    """Loads Megatron-Core's modules with torch.compile as a no-op where CUDA is absent.
+
+    Megatron-Core applies torch.compile when its modules load (its JIT fuser, megatron.core.jit, and
+    the MoE router); each use imports torch's whole compiler stack, about 3 s of every process's
+    start on a 2-core machine. The functions it compiles are CUDA fusions that the CPU backend turns
+    off (phi4.model.build) and MoE routing, which Phi-4 does not use; on the CPU they run as written.
+    With CUDA, nothing changes.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if not (name == "megatron.core" or name.startswith("megatron.core.")):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            torch = importlib.import_module("torch")
+            if torch.cuda.is_available() or torch.compile is _no_op_compile:
+                return run(module)
+            compile_, torch.compile = torch.compile, _no_op_compile
+            try:
+                run(module)
+            finally:
+                torch.compile = compile_
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _MegatronWithoutTorchCompile())

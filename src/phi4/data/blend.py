@@ -28,15 +28,14 @@ def _megatron_tokenizer():
     class Phi4MegatronTokenizer(MegatronTokenizerBase):
         def __init__(self):
             super().__init__(path="phi4", config={})
-            self._tok = get_tokenizer()
             # Part of each dataset's cache key: a different tokenizer must not reuse the cache.
             self.unique_identifiers = {"class": "Phi4Tokenizer", "ranks": "cl100k_base", "specials": "phi-4"}
 
-        def tokenize(self, text):
-            return self._tok.encode(text)
+        def tokenize(self, text):  # the BPE is loaded only here: the datasets ask for ids alone
+            return get_tokenizer().encode(text)
 
         def detokenize(self, ids):
-            return self._tok.decode(ids)
+            return get_tokenizer().decode(ids)
 
         def vocab(self):
             return None

@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import re
 
-import bpe_openai
-
 VOCAB_SIZE = 100352  # 100256 BPE ranks + 96 special ids, = 784 x 128
 FIRST_SPECIAL = 100256
 
@@ -66,6 +64,8 @@ class Phi4Tokenizer:
     vocab_size = VOCAB_SIZE
 
     def __init__(self):
+        import bpe_openai  # lazy: 1.2 s of CPU to import, and a training run from indexed data never encodes
+
         self._bpe = bpe_openai.get_encoding("cl100k_base")
         self.specials = special_tokens()
         self._special_by_id = {i: t for t, i in self.specials.items()}
