@@ -10,6 +10,7 @@ GPU run never passes through this module.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 
 import torch
@@ -185,6 +186,22 @@ def is_active() -> bool:
     return _ACTIVE_MODE is not None
 
 
+# glibc's mallopt parameter for the size from which malloc maps memory of its own (M_MMAP_THRESHOLD).
+_M_MMAP_THRESHOLD = -3
+
+
+def _reuse_freed_tensor_memory(limit: int = 1 << 30) -> None:
+    """Blocks up to `limit` bytes come from malloc's heap and are reused once freed. By default glibc
+    maps each block over 32 MB on its own and unmaps it when it is freed, so the pages of every
+    step's logits (tokens x 100,352 x 4 bytes) faulted in afresh each step: a 10-step tiny run spent
+    12 of its 33 CPU-seconds in the kernel, 7 to 9 with this. The cost is resident memory that stays
+    near the step's peak (2.6 GB instead of 2.1 GB for that run). Only glibc has mallopt; elsewhere nothing changes."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, limit)
+    except (OSError, AttributeError):
+        pass
+
+
 def activate() -> None:
     """Switch the process to the CPU backend. Idempotent; refuses where CUDA is available."""
     global _ACTIVE_MODE
@@ -237,6 +254,7 @@ def activate() -> None:
 
     signals.end_children_with_this_process()  # the entry points did already; in-process users too
     get_write_results_queue("fork")
+    _reuse_freed_tensor_memory()
 
     _ACTIVE_MODE = _CudaToCpu()
     _ACTIVE_MODE.__enter__()
