@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,11 @@ import phi4.settings  # noqa: F401  registers the config schemas that conf/ comp
 
 # The tests' own helpers (multirank, helpers) import as top-level modules in every rank process.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One thread per process, inherited by every process the tests start (torchrun ranks, SLURM jobs):
+# two workers keep both cores busy, and a second thread only spins. Measured on the tiny models:
+# a 20-step SFT run takes 42 CPU-seconds with one thread, 58 with two, in the same 40 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _gpu_missing() -> str | None:

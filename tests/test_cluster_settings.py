@@ -28,7 +28,7 @@ def test_h100_stages_chain_and_size_their_jobs(tmp_path):
 
 def test_a_stage_may_size_itself(tmp_path):
     cluster = load_cluster("local_cpu")
-    cluster["stages"]["sft"].update(time_limit="00:02:00", signal_seconds=75)
+    cluster["stages"]["sft"].update(time_limit="00:02:00", signal_seconds=75, cpus_per_task=2)
     options, _, _ = stage_job(cluster, "sft", tmp_path)
     assert {"--ntasks-per-node=1", "--cpus-per-task=2", "--time=00:02:00", "--signal=USR1@75"} <= set(options)
     assert not any(o.startswith(("--gpus-per-node", "--partition")) for o in options)

@@ -30,8 +30,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
-# Pre-training on two nodes: 16 steps, a checkpoint every 4, n2's tasks killed once step 6 is logged.
-PRETRAIN = dict(steps=16, every=4, kill_after=6, victim="n2")
+# Pre-training on two nodes: 12 steps, a checkpoint every 4, n2's tasks killed once step 6 is logged.
+PRETRAIN = dict(steps=12, every=4, kill_after=6, victim="n2")
 PRETRAIN_LAYOUT = ["topology.tp=2", f"train.steps={PRETRAIN['steps']}", "train.log_every=1",
                    f"checkpoint.every={PRETRAIN['every']}"]
 
