@@ -21,12 +21,12 @@ $(STAMP): setup.py requirements/tested.txt
 	$(PY) -m pip install --progress-bar off -c requirements/tested.txt -e '.[test]'
 	touch $(STAMP)
 
-# Two workers, each module whole on one (its fixtures are built once): about half the suite's time
-# is waiting (SLURM, process start-up), which the other worker fills. TEST_WORKERS=0 runs serially.
+# Two workers, each module whole on one (its fixtures are built once), in the collection's order
+# (tests/conftest.py puts the SLURM stage chain first). TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 train: $(STAMP)
 	$(VENV)/bin/phi4-train

@@ -27,7 +27,8 @@ def _gpu_missing() -> str | None:
 
 
 # The longest module (one SLURM chain of every stage) goes first: `make test` runs the modules on two
-# workers (pytest-xdist, --dist loadfile), and the others then share the second worker.
+# workers (pytest-xdist, --dist loadfile --no-loadscope-reorder: xdist otherwise hands out the files
+# with the most tests first, which started the chain four minutes in), and the others share the second.
 FIRST = ("test_stage_chain.py",)
 
 
@@ -73,3 +74,4 @@ def two_node_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+

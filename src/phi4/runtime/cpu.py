@@ -195,7 +195,8 @@ def _reuse_freed_tensor_memory(limit: int = 1 << 30) -> None:
     maps each block over 32 MB on its own and unmaps it when it is freed, so the pages of every
     step's logits (tokens x 100,352 x 4 bytes) faulted in afresh each step: a 10-step tiny run spent
     12 of its 33 CPU-seconds in the kernel, 7 to 9 with this. The cost is resident memory that stays
-    near the step's peak (2.6 GB instead of 2.1 GB for that run). Only glibc has mallopt; elsewhere nothing changes."""
+    near the step's peak (2.6 GB instead of 2.1 GB for that run). Only glibc has mallopt; elsewhere
+    nothing changes."""
     try:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, limit)
     except (OSError, AttributeError):
