@@ -26,14 +26,19 @@ def _gpu_missing() -> str | None:
     return None
 
 
-# The longest module (one SLURM chain of every stage) goes first: `make test` runs the modules on two
-# workers (pytest-xdist, --dist loadfile --no-loadscope-reorder: xdist otherwise hands out the files
-# with the most tests first, which started the chain four minutes in), and the others share the second.
+# The longest module (one SLURM chain of every stage) goes first, then the others by their number of
+# tests, most first: `make test` runs the modules on two workers in this order (pytest-xdist, --dist
+# loadfile --no-loadscope-reorder). xdist's own order (most tests first) started the chain four
+# minutes in; the collection's order left test_train.py running alone at the end.
 FIRST = ("test_stage_chain.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+    tests_in = {}
+    for item in items:
+        tests_in[item.path] = tests_in.get(item.path, 0) + 1
+    # stable: each module's tests keep their order
+    items.sort(key=lambda item: (item.path.name not in FIRST, -tests_in[item.path], str(item.path)))
     reason = None
     for item in items:
         if "gpu" in item.keywords:
