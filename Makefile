@@ -21,8 +21,8 @@ $(STAMP): setup.py requirements/tested.txt
 	$(PY) -m pip install --progress-bar off -c requirements/tested.txt -e '.[test]'
 	touch $(STAMP)
 
-# Two workers, each module whole on one (its fixtures are built once), in the collection's order
-# (tests/conftest.py puts the SLURM stage chain first). TEST_WORKERS=0 runs serially.
+# Two workers, each module whole on one (its fixtures are built once), in the order tests/conftest.py
+# gives (the SLURM stage chain first, then the modules with the most tests). TEST_WORKERS=0: serially.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
