@@ -43,7 +43,8 @@ def main() -> None:
         train = [PYTHON, "-m", "phi4.cli.train", "train.steps=10", "optim.warmup_steps=0", "train.eval_every=0",
                  "eval.every=0", "checkpoint.every=0", "train.tensorboard=false"]
         cases = {
-            "import megatron.core (no phi4 first: torch.compile as shipped)": ([PYTHON, "-c", "import megatron.core"], base),
+            "import megatron.core (no phi4 first: torch.compile as shipped)": (
+                [PYTHON, "-c", "import megatron.core"], base),
             "import phi4, then megatron.core (torch.compile a no-op)": (
                 [PYTHON, "-c", "import phi4, megatron.core"], base),
             "import phi4.train.trainer": ([PYTHON, "-c", "import phi4.train.trainer"], base),
