@@ -103,8 +103,8 @@ def _task_pids(cluster, node: str) -> list[int]:
 def _kill_a_node_mid_stage(cluster, job_id: str, log: Path, run_dir: Path, timeout: float = 300) -> dict:
     """Once pre-training has logged step PRETRAIN["kill_after"], SIGKILL its processes on
     PRETRAIN["victim"], as a node failure ends them; then wait for the batch script to requeue the
-    job. Returns what the checks need: the checkpoint `latest` named at the kill, the seconds until
-    the requeue, and the processes of both nodes that had to be gone by then."""
+    job. Returns what the checks need: the checkpoint `latest` named at the kill, and the processes of
+    both nodes, which must all be gone once the batch script has its srun's exit."""
     deadline = time.monotonic() + timeout
     step = re.compile(rf"step +{PRETRAIN['kill_after']}/{PRETRAIN['steps']} \| loss")
     while not (log.exists() and step.search(log.read_text())):
@@ -120,7 +120,7 @@ def _kill_a_node_mid_stage(cluster, job_id: str, log: Path, run_dir: Path, timeo
         assert time.monotonic() < killed + 120, log.read_text()[-3000:]
         time.sleep(0.1)
     alive = [pid for pids in tasks.values() for pid in pids if _is_task(pid)]
-    return dict(tasks=tasks, latest=latest, seconds=time.monotonic() - killed, alive=alive)
+    return dict(tasks=tasks, latest=latest, alive=alive)
 
 
 def _one_node_pretrain(overrides: list[str], run_dir: Path) -> subprocess.Popen:
@@ -206,8 +206,8 @@ def test_pretraining_on_two_nodes_has_the_one_node_losses(chain):
 def test_a_killed_node_ends_the_job_everywhere_and_it_resumes_from_the_last_checkpoint(chain):
     kill, log = chain["kill"], chain["logs"]["pretrain"]
     assert kill["tasks"]["n1"] and kill["tasks"]["n2"], kill
-    # promptly on every node: srun ends the other tasks at once (KillWait is 2 s here)
-    assert kill["seconds"] < 30 and kill["alive"] == [], kill
+    # on every node: srun ended the other tasks itself, so when the script requeues, no rank is left waiting
+    assert kill["alive"] == [], kill
     assert "a task was killed" in log and chain["cluster"].job(chain["jobs"]["pretrain"]).restarts == 1
     saved = int(kill["latest"].removeprefix("step_"))
     assert saved >= PRETRAIN["every"] and saved % PRETRAIN["every"] == 0, kill

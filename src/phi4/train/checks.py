@@ -16,6 +16,7 @@ from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig
 from phi4.settings import Checkpoint, Optim, Train, check_ranges
+from phi4.train.spikes import ACTIONS
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -37,8 +38,8 @@ def total_steps(train: Train) -> int:
 
 def check_training(train: Train, optim: Optim, split: str, run_dir: Path, dp: int, steps: int,
                    model: ModelConfig) -> None:
-    if train.spike_action not in ("skip", "rewind"):
-        raise ConfigError(f"train.spike_action={train.spike_action!r}; valid: skip, rewind")
+    if train.spike_action not in ACTIONS:
+        raise ConfigError(f"train.spike_action={train.spike_action!r}; valid: {', '.join(ACTIONS)}")
     if not 0 <= optim.warmup_steps < steps:
         raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be at least 0 and less than train.steps={steps}")
     if train.global_batch_size % (train.micro_batch_size * dp):
