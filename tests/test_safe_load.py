@@ -111,3 +111,25 @@ def test_a_checkpoint_rewritten_after_it_passed_is_checked_again(tmp_path):
     with pytest.raises(ConfigError, match="refused to load item 'common.step'"):
         check_checkpoint(directory)
     assert not marker.exists()
+
+
+def test_a_save_whose_metadata_describes_other_files_is_found_before_it_is_published(tmp_path):
+    """phi4.checkpoint.integrity: the check RunCheckpointer makes before `latest` may name a save. Two
+    saves of one structure, whose saved config differs in length by more than torch.save's 64-byte
+    record alignment: each passes; with the other's `.metadata` (the byte offsets an abandoned save's
+    writer reported, see test_trainer) or with a file cut short, the check names the file."""
+    import shutil
+
+    from phi4.checkpoint.integrity import check_written
+
+    for name, config in (("short", "a" * 8), ("long", "a" * 300)):
+        _save(tmp_path / name, {"w": torch.ones(64), "v": torch.zeros(8), "common": {"config": config}})
+        assert check_written(tmp_path / name, rank=0) is None
+    shutil.copy(tmp_path / "short" / ".metadata", tmp_path / "long" / ".metadata")
+    problem = check_written(tmp_path / "long", rank=0)
+    assert problem is not None and problem.startswith("__0_0.distcp")
+    with open(tmp_path / "short" / "__0_0.distcp", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "short" / "__0_0.distcp") - 10)
+    problem = check_written(tmp_path / "short", rank=0)
+    assert problem is not None and "__0_0.distcp is" in problem and "bytes, but its entries end at byte" in problem
+    assert check_written(tmp_path / "short", rank=1) is None  # another rank's files are its own to check

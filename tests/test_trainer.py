@@ -17,14 +17,32 @@ SPIKE = ["train.steps=16", "optim.lr=1e-2", "optim.decay_style=constant", "train
          "train.spike_window=3", "fault.corrupt_sample=53"]  # in step 14's batch (4 samples a step)
 
 
+STOPPED = "stopped_" + "x" * 72  # see _closing, run 2
+
+
+def _wait_for_forked_writers(timeout: float = 60) -> None:
+    """Until no background save's writer (a process this one forked; Megatron-Core's results queue
+    is served by a spawned SyncManager) is left."""
+    import multiprocessing
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(p.name.startswith("ForkProcess") for p in multiprocessing.active_children()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _cfg(run_dir, cache, *overrides):
     return trainer_cfg(run_dir, cache, *overrides)
 
 
 def _closing(run_dir, cache) -> dict:
+    import os
+
     import torch
 
     from phi4.checkpoint.pointers import latest_checkpoint
+    from phi4.checkpoint.weights import checkpoint_common_state
     from phi4.train.callbacks import Callback
     from phi4.train.lm import LanguageModeling
     from phi4.train.objective import register
@@ -52,21 +70,30 @@ def _closing(run_dir, cache) -> dict:
             self.closed = True
 
     seen = {}
-    # 1. a callback fails after step 2, with step 2's background save still pending
+    # 1. a callback fails after step 2, with step 1's background save still being written (its writer
+    # is slowed): the save is abandoned, and no later save of this process may take its writer's
+    # report (its files' byte offsets) for its own
     watch = Watch(fail_at=2)
     cfg = _cfg(run_dir / "failed", cache, "train.steps=4", "checkpoint.every=1", "checkpoint.async_save=true")
+    os.environ["PHI4_FAULT"] = "slow_async_write:4"
     try:
         with Trainer(cfg, [watch]) as trainer:
             trainer.train()
     except RuntimeError as err:
         seen["failed"] = str(err)
+    finally:
+        del os.environ["PHI4_FAULT"]
+    seen["failed_latest"] = latest_checkpoint(run_dir / "failed")
+    _wait_for_forked_writers()  # had the abandoned writer lived on, its report is in before the next save
     seen["failed_closed"] = watch.closed and trainer.metrics.tb.all_writers is None  # the event files closed
     seen["failed_group"] = torch.distributed.is_initialized()
     seen["failed_config_kept"] = (run_dir / "failed" / "config.yaml").exists()
     # 2. the non-finite stop, with step 1's background save pending: every rank stops together,
-    # so the save is finished and published before the process group goes
+    # so the save is finished and published before the process group goes. The run directory's
+    # name is longer than run 1's by more than torch.save's 64-byte record alignment, so that the
+    # config saved in the checkpoint moves every later offset: run 1's report cannot fit its files.
     watch = Watch()
-    cfg = _cfg(run_dir / "stopped", cache, "train.steps=5", "train.objective=lm_never_finite",
+    cfg = _cfg(run_dir / STOPPED, cache, "train.steps=5", "train.objective=lm_never_finite",
                "train.max_nonfinite_in_a_row=2", "checkpoint.every=1", "checkpoint.async_save=true")
     try:
         with Trainer(cfg, [watch]) as trainer:
@@ -75,8 +102,9 @@ def _closing(run_dir, cache) -> dict:
         seen["stopped"] = str(err)
     seen["stopped_closed"] = watch.closed
     seen["stopped_group"] = torch.distributed.is_initialized()
-    latest = latest_checkpoint(run_dir / "stopped")
+    latest = latest_checkpoint(run_dir / STOPPED)
     seen["stopped_latest"] = latest.name if latest else None
+    seen["stopped_saved_step"] = checkpoint_common_state(latest)["step"]  # its items read back
     seen["stopped_state"] = trainer.state.state_dict()
     return seen
 
@@ -134,11 +162,12 @@ def test_the_trainer_closes_on_every_path(runs):
     assert seen["failed"] == "callback failed at step 2"
     assert seen["failed_closed"] and not seen["failed_group"]
     assert seen["failed_config_kept"]  # a step had run: the run directory stays for its resume
+    assert seen["failed_latest"] is None  # the abandoned save is named by nothing
     assert seen["stopped"].startswith("2 steps in a row had a non-finite loss or gradient norm")
     named = seen["stopped"].split("the last checkpoint is ")[1]
-    assert named.startswith(str(tmp_path / "stopped/checkpoints/step_0000001"))
+    assert named.startswith(str(tmp_path / STOPPED / "checkpoints/step_0000001"))
     assert seen["stopped_closed"] and not seen["stopped_group"]
-    assert seen["stopped_latest"] == "step_0000001"
+    assert seen["stopped_latest"] == "step_0000001" and seen["stopped_saved_step"] == 1
     assert seen["stopped_state"] == dict(step=2, consumed_samples=8, skipped_steps=2, initialized_from=None,
                                         recent_losses=[], skipped_windows=[])
 

@@ -7,18 +7,23 @@ TrainState, the resolved config, the layout). Saving is collective, optionally i
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
 from phi4.checkpoint.pointers import checkpoint_dir, latest_checkpoint, publish, require_checkpoint
+from phi4.checkpoint.integrity import check_written
 from phi4.checkpoint.rng import rng_sharded_object, rng_state, set_rng_state
 from phi4.checkpoint.weights import assign_model, load_sharded, model_sharded_state_dict
+from phi4.runtime import device
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -29,6 +34,25 @@ def _fault_point(directory: Path) -> None:
     fault = os.environ.get("PHI4_FAULT", "")
     if fault.startswith("kill_before_publish:") and directory.name == f"step_{int(fault.split(':')[1]):07d}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _slowed_writer(request):
+    """Fault injection for the abandoned-save test: PHI4_FAULT=slow_async_write:<seconds> makes a
+    background save's writer process sleep that long before it writes (a slow filesystem)."""
+    fault = os.environ.get("PHI4_FAULT", "")
+    if request.async_fn is None or not fault.startswith("slow_async_write:"):
+        return request
+    seconds, write = float(fault.split(":")[1]), request.async_fn
+
+    def slow_write(*args, **kwargs):
+        time.sleep(seconds)
+        return write(*args, **kwargs)
+
+    return request._replace(async_fn=slow_write)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save whose files are not what its `.metadata` describes: it is left unpublished."""
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -105,6 +129,7 @@ class RunCheckpointer:
         self.wait()
         # "mcore": Megatron-Core's own background writer ("nvrx" needs nvidia-resiliency-ext)
         request = dist_checkpointing.save(state, str(directory), async_sharded_save=True, async_strategy="mcore")
+        request = _slowed_writer(request)
         request.add_finalize_fn(lambda: self._finish(directory, final))
         self._queue = self._queue or AsyncCallsQueue()
         self._queue.schedule_async_request(request)
@@ -112,12 +137,47 @@ class RunCheckpointer:
         return directory
 
     def _finish(self, directory: Path, final: bool) -> None:
-        torch.distributed.barrier()  # every rank's shards are on disk
+        """Publish a written checkpoint, once every rank has found its own files to be what the
+        `.metadata` says they are (otherwise nothing names it, and every rank raises)."""
+        torch.distributed.barrier()  # every rank's shards and rank 0's .metadata are on disk
         _fault_point(directory)
-        if torch.distributed.get_rank() == 0:
+        rank = torch.distributed.get_rank()
+        problem = check_written(directory, rank)
+        bad = device.current().put(torch.tensor([problem is not None], dtype=torch.int32))
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            self.pending = None
+            raise CheckpointWriteError(
+                f"{directory} was not written as its .metadata describes ({problem or 'on another rank'}); it is "
+                f"not published, and `latest` still names {latest_checkpoint(self.run_dir) or 'nothing'}")
+        if rank == 0:
             publish(self.run_dir, directory, self.keep, final)
         torch.distributed.barrier()
         self.pending = None
+
+    def abandon(self) -> None:
+        """After a failure on this rank alone: a background save still being written is given up
+        (its writer process killed), and what its writer reported is discarded. Megatron-Core's
+        writers report their files' byte offsets to one queue per process, and a save's
+        `.metadata` takes the first report it finds there: an abandoned save's report would
+        become the next save's, and that checkpoint's offsets would point into the wrong bytes.
+        No collective: the other ranks may be gone. The abandoned directory has no `.metadata`
+        and nothing names it."""
+        if self._queue is None:
+            return
+        for call in self._queue.async_calls:
+            writer = getattr(call.async_caller, "process", None)
+            if writer is not None:
+                writer.kill()
+                writer.join()
+        self._queue.async_calls.clear()
+        self._queue, self.pending = None, None
+        reports = get_write_results_queue()
+        while True:
+            try:
+                reports.get_nowait()
+            except queue.Empty:
+                break
 
     def newest(self) -> str:
         """The run's newest checkpoint, for messages: a background save not yet published is named

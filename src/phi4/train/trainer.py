@@ -241,10 +241,13 @@ class Trainer:
 
     def _end_saves(self, kind, err, tb) -> bool:
         """A background save still running is finished, unless the run failed on one rank alone:
-        then the other ranks may never reach the save's barrier, and the unpublished checkpoint is
-        simply not one (`latest` still names the one before). TrainingStopped stops every rank."""
+        then the other ranks may never reach the save's barrier, so the save is abandoned and the
+        unpublished checkpoint is simply not one (`latest` still names the one before).
+        TrainingStopped stops every rank."""
         if kind is None or issubclass(kind, TrainingStopped):
             self.checkpointer.wait()
+        else:
+            self.checkpointer.abandon()
         return False
 
     def train(self) -> int:
