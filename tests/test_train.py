@@ -4,6 +4,7 @@ same layout (every step's loss as in an uninterrupted run) is checked on two nod
 is killed, in tests/test_stage_chain.py."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -397,9 +398,75 @@ def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_i
     assert "another batch shape (train.global_batch_size 4 -> 8)" in str(err.value)
     assert "checkpoint.allow_new_batch_shape=true" in str(err.value)
     assert (run / "config.yaml").read_bytes() == before
+    # the learning-rate schedule: Megatron-Core's scheduler would take the checkpoint's values silently
+    for overrides, named in [(["train.steps=14"], "decay steps (train.steps or train.token_budget) 10 -> 14"),
+                             (["train.token_budget=1792"], "decay steps (train.steps or train.token_budget) 10 -> 14"),
+                             (["optim.lr=1e-3", "optim.decay_style=wsd"],
+                              "optim.lr 0.003 -> 0.001; optim.decay_style cosine -> wsd; optim.wsd_decay_fraction None "
+                              "-> 0.1; optim.wsd_decay_style None -> linear"),
+                             (["optim.min_lr=1e-5", "optim.warmup_steps=3", "optim.weight_decay=0.01"],
+                              "optim.min_lr 0.0003 -> 1e-05; optim.warmup_steps 2 -> 3; optim.weight_decay 0.1 -> 0.01")]:
+        with pytest.raises(ConfigError) as err:
+            run_training(cfg_with(*overrides, *(["train.steps=null"] if "token" in overrides[0] else [])))
+        message = str(err.value)
+        assert f"was trained on another learning-rate schedule ({named}), resumed from step_0000010 at step 10" \
+            in message and "optim.override_scheduler=true" in message and "\n" not in message, message
+    assert (run / "config.yaml").read_bytes() == before
     allowed = cfg_with("train.global_batch_size=8", "checkpoint.allow_new_batch_shape=true", "model.backend=local")
-    check_resume(run, settings(allowed)[0], OmegaConf.to_object(allowed.train), OmegaConf.to_object(allowed.checkpoint),
-                 latest_checkpoint(run))  # asked for: accepted
+    assert check_resume(run, settings(allowed)[0], OmegaConf.to_object(allowed.train),
+                        OmegaConf.to_object(allowed.checkpoint), latest_checkpoint(run), OmegaConf.to_object(allowed.optim),
+                        10) == []  # asked for: accepted, and the schedule is the run's own
+
+
+def _cosine_lr(step, peak, low, warmup, decay_steps):
+    """The warm-up and cosine decay the optim settings describe (linear warm-up from 0), written out."""
+    if step <= warmup:
+        return peak * step / warmup
+    if step > decay_steps:
+        return low
+    return low + (peak - low) * 0.5 * (math.cos(math.pi * (step - warmup) / (decay_steps - warmup)) + 1)
+
+
+def test_a_run_extended_with_override_scheduler_decays_to_the_new_end(tmp_path, cache, straight):
+    """The straight run (10 steps, cosine to min_lr at step 10) resumed with train.steps=14 and
+    optim.override_scheduler=true: each change is logged, and steps 11-14 follow the cosine to step 14,
+    not the old schedule's min_lr."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, copy_function=lambda a, b: os.link(a, b) if a.endswith(".distcp") else shutil.copy2(a, b))
+    out = train(run, *small(cache, "train.steps=14", "optim.override_scheduler=true"))
+    _ok(out)
+    assert "optim.override_scheduler=true: the schedule changes from step 10: decay steps (train.steps or " \
+           "train.token_budget) 10 -> 14" in out.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in records if "lr" in r}
+    for step in (11, 12, 13):
+        assert lr[step] == pytest.approx(_cosine_lr(step, 3e-3, 3e-4, 2, 14), rel=1e-9)
+        assert lr[step] > 3e-4 * 1.01  # the old schedule had ended at min_lr
+    assert lr[14] == pytest.approx(3e-4, rel=1e-9)
+
+
+def test_wsd_holds_the_peak_then_decays_over_its_last_fraction():
+    """optim.decay_style=wsd through Megatron-Core's scheduler: warm-up, the peak until the last
+    wsd_decay_fraction of the steps, then the wsd_decay_style to min_lr at the last step."""
+    import torch
+
+    from phi4.settings import Optim
+    from phi4.train.optimizer import build_scheduler
+
+    for style, coeff in [("linear", lambda r: 1 - r), ("cosine", lambda r: 0.5 * (math.cos(math.pi * r) + 1)),
+                         ("minus_sqrt", lambda r: 1 - math.sqrt(r))]:
+        optim = Optim(lr=1e-3, min_lr=1e-4, warmup_steps=2, decay_style="wsd", wsd_decay_fraction=0.25,
+                      wsd_decay_style=style, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                      clip_grad=1.0)
+        sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        scheduler = build_scheduler(sgd, optim, steps=20)  # decays over steps 15-20
+        seen = {}
+        for step in range(1, 21):
+            scheduler.step(increment=1)
+            seen[step] = sgd.param_groups[0]["lr"]
+        expected = {step: 1e-3 * step / 2 if step <= 2 else 1e-3 if step <= 15
+                    else 1e-4 + (1e-3 - 1e-4) * coeff((step - 15) / 5) for step in range(1, 21)}
+        assert seen == pytest.approx(expected, rel=1e-9), style
 
 
 def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_path, cache):

@@ -78,7 +78,11 @@ class Optim:
     lr: float = number(least=0, above=True, meaning="the peak learning rate")
     min_lr: float = number(least=0, meaning="the final learning rate")
     warmup_steps: int = number(least=0, meaning="warm-up steps")
-    decay_style: str = MISSING  # linear | cosine | constant
+    decay_style: str = MISSING  # linear | cosine | constant | wsd
+    wsd_decay_fraction: float = number(0.1, least=0, above=True, at_most=1,
+                                       meaning="wsd: the last share of the steps spent decaying")
+    wsd_decay_style: str = "linear"  # wsd's decay: linear | cosine | exponential | minus_sqrt
+    override_scheduler: bool = False  # resume on these schedule settings instead of refusing a change
     weight_decay: float = number(least=0, meaning="decoupled weight decay")
     adam_beta1: float = number(least=0, most=1, meaning="Adam's first-moment decay")
     adam_beta2: float = number(least=0, most=1, meaning="Adam's second-moment decay")

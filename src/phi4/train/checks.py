@@ -16,6 +16,7 @@ from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig
 from phi4.settings import Checkpoint, Optim, Train, check_ranges
+from phi4.train.optimizer import DECAY_STYLES, WSD_DECAY_STYLES, schedule
 from phi4.train.spikes import ACTIONS
 
 
@@ -47,8 +48,10 @@ def check_training(train: Train, optim: Optim, split: str, run_dir: Path, dp: in
             f"train.global_batch_size={train.global_batch_size} is not a multiple of train.micro_batch_size="
             f"{train.micro_batch_size} x {dp} data-parallel ranks = {train.micro_batch_size * dp}"
         )
-    if optim.decay_style not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"optim.decay_style={optim.decay_style!r}; valid: linear, cosine, constant")
+    if optim.decay_style not in DECAY_STYLES:
+        raise ConfigError(f"optim.decay_style={optim.decay_style!r}; valid: {', '.join(DECAY_STYLES)}")
+    if optim.decay_style == "wsd" and optim.wsd_decay_style not in WSD_DECAY_STYLES:
+        raise ConfigError(f"optim.wsd_decay_style={optim.wsd_decay_style!r}; valid: {', '.join(WSD_DECAY_STYLES)}")
     if train.seq_length > model.max_position_embeddings:
         raise ConfigError(f"train.seq_length={train.seq_length} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings}")
@@ -77,10 +80,12 @@ def check_split(split: str) -> None:
 _BATCH_SHAPE = ("seq_length", "global_batch_size")
 
 
-def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing: Checkpoint, checkpoint: Path) -> None:
-    """A run directory is resumed only with the model it was trained with, and with the batch
-    shape it was trained with unless checkpoint.allow_new_batch_shape says so; checked before
-    anything is written."""
+def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing: Checkpoint, checkpoint: Path,
+                 optim: Optim, steps: int) -> list[str]:
+    """A run directory is resumed only with the model it was trained with, with the batch shape it
+    was trained with unless checkpoint.allow_new_batch_shape says so, and with the learning-rate
+    schedule it was trained with unless optim.override_scheduler says so; checked before anything
+    is written. Returns the schedule's changes that the override applies (`old -> new` each)."""
     common = checkpoint_common_state(checkpoint)
     saved = dict(common.get(MODEL_CONFIG_KEY) or {})
     now = dataclasses.asdict(model)
@@ -96,6 +101,28 @@ def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing:
         raise ConfigError(f"{run_dir} was trained with another batch shape ({'; '.join(changed)}); the data "
                           "order would change: set checkpoint.allow_new_batch_shape=true to resume with it anyway, "
                           "or keep the run's settings")
+    saved_schedule, now_schedule = _saved_schedule(common), schedule(optim, steps)
+    moved = [f"{k} {saved_schedule[k]} -> {now_schedule[k]}" for k in now_schedule
+             if k in saved_schedule and saved_schedule[k] != now_schedule[k]]
+    if moved and not optim.override_scheduler:
+        raise ConfigError(f"{run_dir} was trained on another learning-rate schedule ({'; '.join(moved)}), resumed from "
+                          f"{checkpoint.name} at step {common.get('step')}: set optim.override_scheduler=true to go on "
+                          "with the new schedule from that step, or keep the run's settings")
+    return moved if optim.override_scheduler else []
+
+
+def _saved_schedule(common: dict) -> dict:
+    """The schedule a checkpoint was trained on: as recorded (phi4.train.optimizer.schedule), or for
+    a checkpoint saved before that record, from the scheduler's own state."""
+    if common.get("schedule"):
+        return common["schedule"]
+    state = common.get("scheduler") or {}
+    style = {v: k for k, v in DECAY_STYLES.items()}.get(state.get("lr_decay_style"), state.get("lr_decay_style"))
+    names = {"optim.lr": state.get("max_lr"), "optim.min_lr": state.get("min_lr"),
+             "optim.warmup_steps": state.get("lr_warmup_steps"), "optim.decay_style": style,
+             "decay steps (train.steps or train.token_budget)": state.get("lr_decay_steps"),
+             "optim.weight_decay": state.get("start_wd")}
+    return {k: v for k, v in names.items() if v is not None}
 
 
 def check_start_points(used: list[tuple[str, str]]) -> None:

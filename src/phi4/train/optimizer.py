@@ -56,9 +56,31 @@ def build_optimizer(ddp_chunks: list, config, optim: Optim):
     return optimizer
 
 
+DECAY_STYLES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "wsd": "WSD"}  # ours: Megatron-Core's
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+
+
+def schedule(optim: Optim, steps: int) -> dict:
+    """The learning-rate and weight-decay schedule these settings give a run of `steps` steps, by
+    the settings' own names: what a checkpoint records, and what a resumed run compares."""
+    wsd = optim.decay_style == "wsd"
+    return {"optim.lr": optim.lr, "optim.min_lr": optim.min_lr, "optim.warmup_steps": optim.warmup_steps,
+            "optim.decay_style": optim.decay_style, "decay steps (train.steps or train.token_budget)": steps,
+            "optim.wsd_decay_fraction": optim.wsd_decay_fraction if wsd else None,
+            "optim.wsd_decay_style": optim.wsd_decay_style if wsd else None,
+            "optim.weight_decay": optim.weight_decay}
+
+
 def build_scheduler(optimizer, optim: Optim, steps: int) -> OptimizerParamScheduler:
-    """Warm-up to `optim.lr`, then decay to `optim.min_lr` at step `steps`; constant weight decay."""
+    """Warm-up to `optim.lr`, then decay to `optim.min_lr` at step `steps` (with wsd: held at
+    `optim.lr` until the last `optim.wsd_decay_fraction` of the steps); constant weight decay.
+    On resume the schedule is these settings' (Megatron-Core's default would take the
+    checkpoint's silently): phi4.train.checks.check_resume refuses a change first, unless
+    `optim.override_scheduler`."""
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
-        lr_decay_steps=steps, lr_decay_style=optim.decay_style, start_wd=optim.weight_decay,
-        end_wd=optim.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
+        lr_decay_steps=steps, lr_decay_style=DECAY_STYLES[optim.decay_style], start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(optim.wsd_decay_fraction * steps)) if optim.decay_style == "wsd" else None,
+        lr_wsd_decay_style=optim.wsd_decay_style if optim.decay_style == "wsd" else None,
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=optim.override_scheduler)

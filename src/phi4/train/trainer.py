@@ -58,7 +58,7 @@ from phi4.train.checks import check_numbers, check_resume, check_start_points, c
 from phi4.train.faults import Faults
 from phi4.train.metrics import MetricsWriter, StepLog
 from phi4.train.objective import objective_for
-from phi4.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from phi4.train.optimizer import build_optimizer, build_scheduler, schedule, wrap_ddp
 from phi4.train.stop import EXIT_RESUMABLE, StopPolicy, TrainingStopped
 from phi4.train.stragglers import StepTimes
 
@@ -146,8 +146,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.check(self)
         self.resume = latest_checkpoint(self.run_dir)
-        if self.resume is not None:
-            check_resume(self.run_dir, self.model, self.settings, self.checkpointing, self.resume)
+        self.schedule_changes = check_resume(self.run_dir, self.model, self.settings, self.checkpointing, self.resume,
+                                             self.optim, self.steps) if self.resume is not None else []
         load = self.checkpointing.load
         check_start_points(([("checkpoint.load", load)] if load and self.resume is None else [])
                            + self.objective.start_points())
@@ -227,6 +227,8 @@ class Trainer:
             self.state.load_state_dict(saved)
             self.log_info(f"resumed from {self.resume} at step {self.state.step} ({self.state.consumed_samples} samples "
                       f"consumed; saved at {saved['layout']})")
+            for change in self.schedule_changes:
+                self.log_info(f"optim.override_scheduler=true: the schedule changes from step {self.state.step}: {change}")
         elif self.checkpointing.load:
             load_model_weights(self.ddp, self.checkpointing.load)
             # What was loaded, as the checkpoint chain's evidence: the stage before saved the same
@@ -309,7 +311,7 @@ class Trainer:
     def save(self, final: bool = False, wait: bool = False) -> Path:
         """A checkpoint of the run at this step (collective): the parts' states and the TrainState."""
         extra = dict(self.state.state_dict(), layout=self.layout, config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
-                     weights_fingerprint=weights_fingerprint(self.ddp))
+                     weights_fingerprint=weights_fingerprint(self.ddp), schedule=schedule(self.optim, self.steps))
         extra[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model)
         started = time.perf_counter()
         with self.watchdog.allow(f"the save at step {self.state.step}", self.hang_allowances.get("save")):
