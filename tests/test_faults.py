@@ -133,11 +133,14 @@ def test_a_hung_rank_ends_every_rank_and_the_resumed_run_names_a_slow_rank(tmp_p
     assert text.count(f"exit {EXIT_HUNG} to resume from the last checkpoint") == 2
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
-    # the requeued job, without the hang but with rank 1 sleeping 1 s in every step: it resumes from
-    # step 2 and finishes; each record names rank 1 the slowest, and the warning names it from the
-    # second slow window on (train.straggler_windows=2)
+    # the requeued job, without the hang but with rank 1 sleeping 1 s in every step, and the gradient
+    # reduction overlapped with the backward (the pretrain stage's setting: rank 0's reduce-scatters are
+    # queued before its time ends, and wait for rank 1): it resumes from step 2 and finishes; each
+    # record names rank 1 the slowest, rank 0's own time stays below the delay, and the warning names
+    # rank 1 from the second slow window on (train.straggler_windows=2)
     delay_s = 1.0
-    again = subprocess.run(_torchrun(run, cache, watched, "fault.delay_rank=1", f"fault.delay_seconds={delay_s}"),
+    again = subprocess.run(_torchrun(run, cache, watched, "fault.delay_rank=1", f"fault.delay_seconds={delay_s}",
+                                     "train.overlap_grad_reduce=true"),
                            capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     text = again.stdout + again.stderr
     assert again.returncode == 0, text[-3000:]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import psutil
+import time
+
 import torch
 
 from phi4.runtime import cpu
@@ -59,6 +61,24 @@ class Device:
         if configured:
             return float(configured)
         return next((v for k, v in PEAK_TFLOPS.items() if k in self.name), None) if self.is_cuda else None
+
+    def mark(self):
+        """A point in this rank's own work, for timing: on a GPU an event recorded on the current
+        (compute) stream, so that the time to it leaves out communication queued on other streams;
+        on the CPU, where work runs as it is issued, the clock."""
+        if not self.is_cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def seconds_between(start, end) -> float:
+        """The time from one `mark` to a later one (on a GPU, once the stream has reached `end`)."""
+        if isinstance(start, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
 
     def synchronize(self) -> None:
         """Wait for the work queued on the device (nothing to wait for on the CPU)."""

@@ -1,6 +1,6 @@
 """Which rank is slow: each rank times its own work in every step (from the step's start to the
-gradient reduction, where the data-parallel ranks wait for each other; the device synchronized
-first), and every `train.log_every` steps the ranks gather their window's mean. The log line and
+gradient reduction, where the data-parallel ranks wait for each other), and every
+`train.log_every` steps the ranks gather their window's mean. The log line and
 metrics.jsonl carry the slowest and the fastest rank's time and the slowest rank's host; a rank
 slower than the median by `train.straggler_factor` in `train.straggler_windows` windows in a row
 is named in a warning (again each window it stays slow).
@@ -8,13 +8,20 @@ is named in a warning (again each window it stays slow).
 In synchronous training every rank's whole step takes as long as the slowest one's, so the whole
 step's time cannot tell them apart; the time to the gradient reduction can: the fast ranks then
 wait in it. With pipeline parallelism it includes the pipeline's own waits.
+
+With `train.overlap_grad_reduce` the reduce-scatters of the buckets that finished early are
+already queued by then, on the communication stream, waiting for the slowest peer: synchronizing
+the device there would time that wait too, and a fast rank would time as slow as the straggler.
+So on a GPU both ends are CUDA events on the compute stream (phi4.runtime.device.Device.mark), as
+Megatron-Core's StragglerDetector times its work with events (megatron/core/utils.py 0.19.2,
+`StragglerDetector.start_method`/`stop_method`/`elapsed`): the time between them is the compute stream's
+own, idle gaps where it waited for this rank's CPU included, the other streams' waits not.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-import time
 from typing import Optional
 
 import torch
@@ -31,16 +38,14 @@ class StepTimes:
         self.host = host_name()
         self.window: list[float] = []
         self.slow_windows: dict[int, int] = {}  # rank -> windows in a row slower than factor x median
-        self._start: Optional[float] = None
-        self._reduced: Optional[float] = None
+        self._start = self._reduced = None  # Device.mark()s
 
     def step_started(self) -> None:
-        self._start, self._reduced = time.perf_counter(), None
+        self._start, self._reduced = device.current().mark(), None
 
     def gradients_ready(self) -> None:
         """Called where the gradient reduction starts (Megatron-Core's finalize_model_grads)."""
-        device.current().synchronize()
-        self._reduced = time.perf_counter()
+        self._reduced = device.current().mark()
 
     def watch(self, config) -> None:
         """Have the schedules' gradient reduction (`config.finalize_model_grads_func`) end each
@@ -54,7 +59,9 @@ class StepTimes:
         config.finalize_model_grads_func = timed_reduction
 
     def step_ended(self) -> None:
-        self.window.append((self._reduced or time.perf_counter()) - self._start)
+        """After the optimizer's update (the events are long reached: no stall)."""
+        here = device.current()
+        self.window.append(here.seconds_between(self._start, self._reduced or here.mark()))
 
     def report(self, step: int) -> dict:
         """Collective (every rank, at the same steps): the window's figures for the step's record,
