@@ -61,6 +61,9 @@ def _closing(run_dir, cache) -> dict:
         def __init__(self, fail_at=None):
             self.fail_at, self.steps, self.closed = fail_at, [], False
 
+        def setup(self, trainer):  # the process group's own timeout, NCCL's watchdog's, on GPUs
+            self.group_timeout = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+
         def after_step(self, trainer, step):
             self.steps.append(step)
             if step == self.fail_at:
@@ -84,6 +87,9 @@ def _closing(run_dir, cache) -> dict:
     finally:
         del os.environ["PHI4_FAULT"]
     seen["failed_latest"] = latest_checkpoint(run_dir / "failed")
+    t = trainer.settings
+    seen["group_timeout_s"] = watch.group_timeout.total_seconds()
+    seen["longest_allowance_s"] = 60 * max(t.hang_timeout_minutes, t.hang_startup_minutes, t.hang_save_minutes)
     _wait_for_forked_writers()  # had the abandoned writer lived on, its report is in before the next save
     seen["failed_closed"] = watch.closed and trainer.metrics.tb.all_writers is None  # the event files closed
     seen["failed_group"] = torch.distributed.is_initialized()
@@ -163,6 +169,8 @@ def test_the_trainer_closes_on_every_path(runs):
     assert seen["failed_closed"] and not seen["failed_group"]
     assert seen["failed_config_kept"]  # a step had run: the run directory stays for its resume
     assert seen["failed_latest"] is None  # the abandoned save is named by nothing
+    # the backstop behind the hang watchdog: 2 minutes past its longest allowance (30 minutes), not 30 hours
+    assert seen["longest_allowance_s"] == 1800 and seen["group_timeout_s"] == 1800 + 120
     assert seen["stopped"].startswith("2 steps in a row had a non-finite loss or gradient norm")
     named = seen["stopped"].split("the last checkpoint is ")[1]
     assert named.startswith(str(tmp_path / STOPPED / "checkpoints/step_0000001"))

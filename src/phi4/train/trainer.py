@@ -160,9 +160,10 @@ class Trainer:
         self.faults = Faults(self.fault, self.launch.rank, self.model.vocab_size)
         self.device = device.select(self.launch.local_rank)
         check_on_device(self.precision, self.device)
-        # the process group's own timeout (NCCL's watchdog) is the backstop behind ours
+        # the process group's own timeout (NCCL's watchdog) is the backstop behind ours: 2 minutes
+        # past the longest allowance (seconds already), so that ours writes the stacks first
         init_distributed(self.topology, seed=cfg.seed, launch=self.launch,
-                         timeout_s=max(600.0, 60 * max(self.hang_allowances.values(), default=0) + 120))
+                         timeout_s=max(600.0, max(self.hang_allowances.values(), default=0) + 120))
         self._closing.callback(shutdown)
         where = placement()
         self.stop = StopPolicy(t)
