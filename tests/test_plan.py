@@ -232,6 +232,8 @@ def test_text_report(capsys):
     (["plan.gpus=-8"], "plan.gpus=-8; valid"),
     (["plan.save_from=/nowhere"], "plan.save_from=/nowhere: no metrics.jsonl there"),
     (["plan.save_seconds=0"], "plan.save_seconds=0.0; valid: a number above 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0; valid: a whole number at least 1"),
+    (["train.seq_length=-4"], "train.seq_length=-4; valid: a whole number at least 1"),
 ])
 def test_bad_input_is_one_clear_error(capsys, args, message):
     assert plan_main(args) == 2

@@ -113,3 +113,23 @@ def test_cli_refuses_a_count_that_is_not_positive(tmp_path, capsys, count):
     assert stop.value.code == 2
     assert f"argument --count: '{count}': give a whole number of at least 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, named", [
+    (["chat", "--input", "c.jsonl", "--output-prefix", "out/sft", "--seq-length", "-5"], "--seq-length: '-5'"),
+    (["chat", "--input", "c.jsonl", "--output-prefix", "out/sft", "--seq-length", "0"], "--seq-length: '0'"),
+    (["preprocess", "--input", "d.jsonl", "--output-prefix", "out/d", "--workers", "-1"], "--workers: '-1'"),
+    (["decontaminate", "--eval", "e.jsonl", "--input", "d.jsonl", "--output-dir", "out", "--ngram", "0"], "--ngram: '0'"),
+    (["synth", "--count", "3", "--seed", "-2", "--out", "out/p.jsonl"], "--seed: '-2'"),
+])
+def test_cli_refuses_a_size_that_is_not_a_whole_number_in_range(tmp_path, capsys, monkeypatch, args, named):
+    """Each of phi4-data's counts and sizes is refused by name (before any input is read: none exists)."""
+    from phi4.cli.data import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"argument {named}: give a whole number of at least" in errors[0], errors
+    assert not list(tmp_path.iterdir())

@@ -42,10 +42,16 @@ def _decontaminate(args) -> None:
     print(f"{report.throughput()}; report in {args.output_dir / 'decontamination.json'}{where}")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
-    return int(text)
+def _whole(least: int):
+    """An argparse type: a whole number of at least `least` (argparse names the option)."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least {least}")
+        return int(text)
+    return parse
+
+
+_positive = _whole(1)
 
 
 def main(argv=None) -> None:
@@ -53,7 +59,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="synthetic arithmetic word problems with worked solutions, as JSONL")
     s.add_argument("--count", type=_positive, required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_whole(0), default=0)
     s.add_argument("--split", choices=["all", "train", "test"], default="all",
                    help="test: only held-out questions (never in a train draw, whatever the seed); train: none of them")
     s.add_argument("--kinds", nargs="+", default=None, help="problem kinds (default: the word problems of the corpus)")
@@ -62,22 +68,22 @@ def main(argv=None) -> None:
     p.add_argument("--input", type=Path, nargs="+", required=True)
     p.add_argument("--output-prefix", type=Path, required=True)
     p.add_argument("--text-key", default="text")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
+    p.add_argument("--workers", type=_whole(0), default=0, help="tokenizer processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("chat", help="chat JSONL ({'messages': [...]}) -> packed SFT rows with a loss mask")
     c.add_argument("--input", type=Path, nargs="+", required=True)
     c.add_argument("--output-prefix", type=Path, required=True)
-    c.add_argument("--seq-length", type=int, required=True, help="train.seq_length of the SFT run")
+    c.add_argument("--seq-length", type=_positive, required=True, help="train.seq_length of the SFT run")
     d = sub.add_parser("decontaminate", help="drop training documents sharing an n-gram with evaluation items")
     d.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation JSONL files")
     d.add_argument("--input", type=Path, nargs="+", required=True, help="training JSONL files")
     d.add_argument("--output-dir", type=Path, required=True, help="each input is written here under its own name")
-    d.add_argument("--ngram", type=int, default=13, help="n-gram length in normalized words (default 13)")
+    d.add_argument("--ngram", type=_positive, default=13, help="n-gram length in normalized words (default 13)")
     d.add_argument("--removed", type=Path, default=None, help="write the removed documents here (default: drop)")
     d.add_argument("--text-key", default="text")
     d.add_argument("--eval-keys", nargs="+", default=None, help="fields of an evaluation item to take n-grams from "
                    "(default: prompt question problem text solution answer messages)")
-    d.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    d.add_argument("--workers", type=_whole(0), default=0, help="processes (default: one per core)")
     d.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     quiet_dependencies()

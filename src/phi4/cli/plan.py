@@ -40,7 +40,7 @@ def compose(overrides: list[str]) -> dict:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose("plan", overrides=overrides)
-        phi4.settings.check_ranges(cfg, ("plan",))
+        phi4.settings.check_ranges(cfg, ("plan", "train"))  # what the plan reads of the run: its batch, steps
         return OmegaConf.to_container(cfg, resolve=False)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"invalid override: {config_error_line(error)}") from error
