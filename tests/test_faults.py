@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import ROOT
 from phi4.runtime.launch_env import free_port
 from phi4.runtime.watchdog import EXIT_HUNG, GRACE_S
@@ -153,3 +154,32 @@ def test_a_hung_rank_ends_every_rank_and_the_resumed_run_names_a_slow_rank(tmp_p
     named = [line for line in text.splitlines() if "is a straggler" in line]
     assert len(named) == 2 and all(f"rank 1 on {HOST} is a straggler" in line for line in named), named
     assert "step 4:" in named[0] and "in 2 windows in a row" in named[0] and "in 3 windows in a row" in named[1]
+
+
+@pytest.mark.gpu
+def test_a_ranks_own_time_ends_before_work_queued_on_another_stream():
+    """What the straggler report times on a GPU (Device.mark, phi4.train.stragglers): the compute
+    stream's own work. A long chain of matmuls on a side stream stands in for reduce-scatters
+    waiting for a slow peer: the end mark is reached while that work is still running, where a
+    device synchronize (the old timing) would have waited for it."""
+    import torch
+
+    from phi4.runtime import device
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    here = device.select(0)
+    a = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+    side, side_done = torch.cuda.Stream(), torch.cuda.Event()
+    start = here.mark()
+    with torch.cuda.stream(side):
+        for _ in range(100):
+            a = a @ a / 8192
+        side_done.record(side)
+    (torch.ones(16, device="cuda") * 2).sum()  # the compute stream's own, short work
+    end = here.mark()
+    seconds = here.seconds_between(start, end)  # waits for the end mark only
+    assert not side_done.query(), "the mark waited for the other stream's work"
+    assert seconds >= 0
+    torch.cuda.synchronize()
