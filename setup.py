@@ -27,9 +27,11 @@ setup(
         "tensorboard>=2.14",
         "hydra-submitit-launcher>=1.2,<1.3",  # hydra/launcher=slurm sweeps
         "pyyaml>=6",
+        "tqdm>=4.60",  # phi4-convert's and phi4-data's progress
+        "transformers>=4.50,<6",  # phi4-convert mcore-to-hf exports the tokenizer (and --verify's reference)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
         # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
         "gpu": ["transformer-engine[pytorch]>=2.4"],
     },
