@@ -5,12 +5,11 @@ tensor or asks what the device is comes here, never to `torch.cuda.is_available(
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import psutil
-import time
-
 import torch
 
 from phi4.runtime import cpu
