@@ -226,6 +226,23 @@ def _nothing_left(out: Path):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--max-shard-size", "0"], "--max-shard-size '0': give a size above 0"),
+    (["--max-shard-size", "lots"], "--max-shard-size 'lots': give a size above 0"),
+    (["--tolerance", "-1"], "argument --tolerance: '-1': give a number of at least 0"),
+    (["--tolerance", "nan"], "argument --tolerance: 'nan': give a number of at least 0"),
+])
+def test_a_size_or_tolerance_out_of_range_is_one_line(mcore_dir, tmp_path, capsys, args, message):
+    from phi4.cli.convert import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["mcore-to-hf", "--ckpt", str(mcore_dir), "--out", str(tmp_path / "hf"), "--no-progress", *args])
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    _nothing_left(tmp_path / "hf")
+
+
 def test_missing_shard(hf_dir, tmp_path):
     src = _copy(hf_dir[0], tmp_path / "src")
     shard = sorted(src.glob("*.safetensors"))[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import sys
 import time
@@ -44,9 +45,21 @@ def _load_model_config(spec: str | None):
 
 def _size(text: str) -> int:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip().upper())
-    if not match:
-        raise ConfigError(f"--max-shard-size {text!r}: give a size such as 2GB, 500MB")
-    return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2)])
+    size = int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2)]) if match else 0
+    if size < 1:
+        raise ConfigError(f"--max-shard-size {text!r}: give a size above 0, such as 2GB, 500MB")
+    return size
+
+
+def _tolerance(text: str) -> float:
+    """An argparse type: a logit difference of at least 0 (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of at least 0, e.g. 1e-4")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model config to check against: a name in conf/model or a yaml file")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="output dtype (default: as stored)")
         p.add_argument("--verify", action="store_true", help="compare logits of source and result on the CPU")
-        p.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference --verify accepts")
+        p.add_argument("--tolerance", type=_tolerance, default=1e-4, help="largest logit difference --verify accepts")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
         p.add_argument("--no-progress", action="store_true")
         if name == "mcore-to-hf":
