@@ -82,3 +82,20 @@ def test_pipeline_refuses_a_bad_chain_before_submitting_any_stage(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == "pipeline: error: --cluster needs a value (see --help)"
     out = pipeline("--stages", "pretrain midtrain", "--dry-run")
     assert out.returncode == 0 and [l.split()[1] for l in out.stdout.splitlines()] == ["--job-name=phi4-pretrain", "--job-name=phi4-midtrain"], out.stderr
+
+
+def test_a_sweep_on_a_cluster_file_without_a_launcher_setting_is_one_line(tmp_path):
+    """hydra/launcher=slurm reads cluster.sweep.max_requeues (submitit's max_num_timeout): a cluster
+    file without it is refused in one line naming it, before any job is submitted."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "-m", "hydra/launcher=slurm",
+                          "cluster=local_cpu", "~cluster.sweep.max_requeues", "optim.lr=1e-3,2e-3",
+                          f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1:] == [
+        "error: Interpolation key 'cluster.sweep.max_requeues' not found; set it, e.g. in the cluster file"], out.stderr
+    assert not (tmp_path / ".submitit").exists()

@@ -8,7 +8,8 @@ Pre-training runs on both nodes, 2 tasks each, TP=2 inside a node and DP=2 acros
 where SLURM put it and the losses equal a one-node run's of the same layout. Mid-stage the test kills
 n2's tasks, as a node failure would: the job ends on both nodes at once, is requeued and resumes from
 the last complete checkpoint. The SFT job reaches its time limit's warning, requeues itself and
-finishes from its checkpoint.
+finishes from its checkpoint. A job of the sweep gets the launcher's warning mid-run (submitit's
+USR2), saves, is requeued by submitit and resumes; each job of the sweep has its own run directory.
 
 One chain serves every check (it costs about ten minutes on two cores); the checks are separate
 tests over it so that each failure names what broke.
@@ -22,6 +23,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +36,8 @@ PYTHON = Path(sys.executable)
 PRETRAIN = dict(steps=12, every=4, kill_after=6, victim="n2")
 PRETRAIN_LAYOUT = ["topology.tp=2", f"train.steps={PRETRAIN['steps']}", "train.log_every=1",
                    f"checkpoint.every={PRETRAIN['every']}"]
+# Each sweep job: 4 steps, each at least 2 s (the warning sent after step 1 lands before the last one).
+SWEEP_STEPS = 4
 
 
 def _common(run_dir: Path) -> dict:
@@ -75,6 +79,9 @@ def chain(two_node_cluster, tmp_path_factory):
     kill = _kill_a_node_mid_stage(slurm_cluster, jobs["pretrain"], pretrain_log, runs / "pretrain")
     one_node = _one_node_pretrain(pretrain["overrides"], root / "one_node")  # alongside the chain's later stages
     sweep = _submit_sweep(env, root)
+    warned: dict = {}  # a daemon thread: a fixture that fails early leaves nothing to wait for at exit
+    threading.Thread(target=lambda: warned.update(job=_warn_a_sweep_job_mid_run(slurm_cluster, root / "sweep", sweep)),
+                     daemon=True).start()
     _lift_limit_once_warned(slurm_cluster, jobs["sft"], runs / "logs" / f"sft-{jobs['sft']}.out")
     states = slurm_cluster.wait(list(jobs.values()), timeout=900, poll=1.0)
     logs = {stage: (runs / "logs").glob(f"{stage}-*.out") for stage in jobs}
@@ -83,7 +90,7 @@ def chain(two_node_cluster, tmp_path_factory):
     one_node_out = one_node.communicate(timeout=300)[0]
     return dict(runs=runs, jobs=jobs, states=states, logs=logs, cluster=slurm_cluster, kill=kill,
                 one_node=(one_node.returncode, one_node_out, root / "one_node"),
-                sweep=(sweep.returncode, sweep_out + sweep_err, root / "sweep"))
+                sweep=(sweep.returncode, sweep_out + sweep_err, root / "sweep"), sweep_warned=warned.get("job"))
 
 
 def _is_task(pid: int) -> bool:
@@ -154,14 +161,31 @@ def _lift_limit_once_warned(cluster, job_id: str, log: Path, timeout: float = 60
 
 
 def _submit_sweep(env: dict, root: Path) -> subprocess.Popen:
-    """`-m optim.lr=...,...` through hydra/launcher=slurm: two one-process jobs on the cluster."""
+    """`-m optim.lr=...,...` through hydra/launcher=slurm: two one-process jobs on the cluster, with
+    run_dir left to its default. Rank 0 sleeps 2 s in every step (fault.delay_*), no CPU spent, so
+    that a warning sent after step 1 arrives mid-run."""
     sweep = root / "sweep"
     return subprocess.Popen(
         [str(PYTHON), str(ROOT / "launch/train.py"), "-m", "hydra/launcher=slurm", "cluster=local_cpu",
-         "optim.lr=1e-3,2e-3", "train.steps=3", "train.log_every=1", "train.eval_every=0", "eval.every=0", "checkpoint.every=0",
-         "optim.warmup_steps=0", "train.tensorboard=false", f"hydra.sweep.dir={sweep}",
-         "run_dir=${hydra:sweep.dir}/${hydra:job.num}"],
+         "optim.lr=1e-3,2e-3", f"train.steps={SWEEP_STEPS}", "train.log_every=1", "train.eval_every=0", "eval.every=0",
+         "checkpoint.every=0", "optim.warmup_steps=0", "train.tensorboard=false", "fault.delay_rank=0",
+         "fault.delay_seconds=2", f"hydra.sweep.dir={sweep}"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _warn_a_sweep_job_mid_run(cluster, sweep: Path, submitter: subprocess.Popen) -> str | None:
+    """Once the sweep's job 0 has logged step 1, send it the launcher's warning: USR2 to the job's
+    tasks, as SLURM sends it at submitit's `--signal=USR2@signal_delay_s` (and as submitit's own
+    `SlurmJob._interrupt(timeout=True)` sends it), now rather than near a time limit, so that no
+    clock decides where in the run it lands. Returns the job's id (<array>_<task>), or None if the
+    sweep ended first."""
+    while submitter.poll() is None:
+        for log in sweep.glob(".submitit/*_0/*_0_0_log.err"):
+            if re.search(rf"step +1/{SWEEP_STEPS} \| loss", log.read_text()):
+                cluster.run(["scancel", "--signal=USR2", log.parent.name], check=True)
+                return log.parent.name
+        time.sleep(0.1)
+    return None
 
 
 def test_every_job_completes(chain):
@@ -272,14 +296,40 @@ def test_dpo_improves_held_out_reward_accuracy(chain):
     assert held_out and held_out[-1]["val_reward_accuracy"] > 0.5, held_out
 
 
-def test_hydra_multirun_through_submitit_runs_on_the_cluster(chain):
+def test_hydra_multirun_through_submitit_runs_each_job_in_its_own_directory(chain):
+    """No run_dir given: each job's is its own, hydra.sweep.dir/<job number>."""
     code, output, sweep = chain["sweep"]
     assert code == 0, output[-3000:]
     for num, lr in ((0, 1e-3), (1, 2e-3)):
         config = yaml.safe_load((sweep / str(num) / "config.yaml").read_text())
-        assert config["optim"]["lr"] == lr
-        assert [m["step"] for m in _metrics(sweep / str(num)) if "loss" in m] == [1, 2, 3]
+        assert config["optim"]["lr"] == lr and Path(config["run_dir"]) == sweep / str(num)
+    assert [m["step"] for m in _metrics(sweep / "1") if "loss" in m] == list(range(1, SWEEP_STEPS + 1))
     tasks = {p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)}  # <array>_<task>
     swept = [j for j in chain["cluster"].jobs() if f"{j.fields.get('ArrayJobId')}_{j.fields.get('ArrayTaskId')}" in tasks]
     assert len(tasks) == 2 and len(swept) == 2, (tasks, [j.fields for j in chain["cluster"].jobs()][-2:])
-    assert all(j.state == "COMPLETED" for j in swept), [(j.job_id, j.state) for j in swept]
+    # the sweep ends on the jobs' results, written just before their processes exit
+    states = chain["cluster"].wait([j.job_id for j in swept], timeout=60)
+    assert set(states.values()) == {"COMPLETED"}, states
+
+
+def test_a_sweep_job_warned_by_the_launcher_saves_is_requeued_and_resumes(chain):
+    """submitit's warning (USR2) is phi4's stop request: a checkpoint, then submitit's own requeue
+    of the same call, which resumes from it without repeating a step."""
+    code, output, sweep = chain["sweep"]
+    assert code == 0, output[-3000:]
+    signal_seconds = yaml.safe_load((ROOT / "conf/cluster/local_cpu.yaml").read_text())["signal_seconds"]
+    scripts = [p.read_text() for p in sweep.glob(".submitit/**/*.sh")]
+    assert scripts and all(f"#SBATCH --signal=USR2@{signal_seconds}\n" in s for s in scripts), scripts
+    job_id = chain["sweep_warned"]
+    assert job_id, "no USR2 sent to the sweep's job 0 (it ended before logging step 1, or scancel failed)"
+    log = (sweep / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()  # both runs: --open-mode=append
+    stopped = re.search(r"stopping at step (\d+) \(SIGUSR2\); saved \S+", log)
+    assert stopped, log[-3000:]
+    saved = int(stopped[1])
+    assert saved < SWEEP_STEPS and re.search(rf"resumed from \S+/step_0*{saved} at step {saved}\b", log), log[-3000:]
+    # the second run goes on from the saved step: each step once (metrics.jsonl appends across runs)
+    assert [m["step"] for m in _metrics(sweep / "0") if "loss" in m] == list(range(1, SWEEP_STEPS + 1))
+    array, task = job_id.split("_")
+    job = next(j for j in chain["cluster"].jobs()
+               if (j.fields.get("ArrayJobId"), j.fields.get("ArrayTaskId")) == (array, task))
+    assert job.restarts == 1 and chain["cluster"].wait(job.job_id, timeout=60) == {job.job_id: "COMPLETED"}, job.fields

@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from hydra.errors import HydraException
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 
 def quiet_dependencies() -> None:
@@ -62,7 +62,8 @@ def config_error_line(err: Exception) -> str:
 
 def one_line_config_errors(hydra_main):
     """An entry point made by `@hydra.main`, with Hydra's composition errors (see
-    `config_error_line`) as one line and exit code 2, like every other refused setting."""
+    `config_error_line`), and a setting that names one that is not there, as one line and exit
+    code 2, like every other refused setting."""
     @functools.wraps(hydra_main)
     def main():
         # Hydra raises its errors instead of printing them (several lines, exit 1); errors of the
@@ -72,6 +73,10 @@ def one_line_config_errors(hydra_main):
             return hydra_main()
         except HydraException as err:
             print(f"error: {config_error_line(err)}", file=sys.stderr)
+            sys.exit(2)
+        except InterpolationKeyError as err:  # e.g. a cluster file without a key the sweep launcher reads
+            where = f" (in {err.full_key})" if err.full_key else ""
+            print(f"error: {str(err).splitlines()[0]}{where}; set it, e.g. in the cluster file", file=sys.stderr)
             sys.exit(2)
 
     return main

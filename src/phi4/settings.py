@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -209,10 +211,21 @@ SCHEMAS: dict[str, type] = {
 }
 
 
+def multirun_job_dir_or(single: str) -> str:
+    """`${multirun_job_dir_or:DIR}`, run_dir's default: DIR for a single run; in each job of a
+    multirun (`-m`, locally or through the submitit launcher) the job's own directory, Hydra's
+    hydra.sweep.dir/hydra.sweep.subdir (the job's number unless set), so that no two jobs of a sweep
+    write, or resume from, one another's checkpoints."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().runtime.output_dir  # set by Hydra's run_job for this job
+    return single
+
+
 def register() -> None:
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         store.store(group="schema", name=name, node=schema)
+    OmegaConf.register_new_resolver("multirun_job_dir_or", multirun_job_dir_or, replace=True)
 
 
 def load_group(group: str, path) -> dict:

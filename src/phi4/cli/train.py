@@ -30,6 +30,8 @@ def main(cfg: DictConfig) -> None:
     # dist_checkpointing's spawned writer re-imports this module, and needs none of the training stack
     from phi4.cli.train_job import TrainingStopped, train  # lazy: kept out of the spawned writer's start-up
 
+    signals.install()  # again: in a submitit launcher's job, submitit put its own handlers over ours
+
     # a setting that cannot work: 2; too many non-finite steps: 3 (each one clear line)
     run_job(train, cfg, log, {ConfigError: 2, TrainingStopped: 3})
 

@@ -9,8 +9,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi4.eval.callback import GenerativeEvaluation
 from phi4.posttrain import dpo  # noqa: F401  registers train.objective=dpo
+from phi4.runtime import signals
 from phi4.settings import Eval
 from phi4.train.callbacks import Callback, ValidationLoss
+from phi4.train.stop import EXIT_RESUMABLE
 from phi4.train.stop import TrainingStopped  # noqa: F401  the entry point's exit code 3
 from phi4.train.trainer import Trainer
 
@@ -25,6 +27,10 @@ def callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 def train(cfg: DictConfig) -> int:
-    """Run (or resume) the configured training; returns the process exit code."""
+    """Run (or resume) the configured training; returns the process exit code. A resumable stop in
+    a job of the submitit launcher is requeued by submitit, once the checkpoint is complete."""
     with Trainer(cfg, callbacks(cfg)) as trainer:
-        return trainer.train()
+        code = trainer.train()
+    if code == EXIT_RESUMABLE:
+        signals.requeue_by_launcher()
+    return code
