@@ -112,6 +112,17 @@ def _closing(run_dir, cache) -> dict:
     seen["stopped_latest"] = latest.name if latest else None
     seen["stopped_saved_step"] = checkpoint_common_state(latest)["step"]  # its items read back
     seen["stopped_state"] = trainer.state.state_dict()
+    # 3. out of wall time at the last step: the run ends with its final checkpoint (exit 0), not a
+    # resumable stop; and a run whose `final` pointer is missing (stopped between its last pointers)
+    # gets it from a rerun that has nothing to do
+    last = run_dir / "last_step"
+    with Trainer(_cfg(last, cache, "train.steps=1", "train.max_wall_minutes=1e-9"), []) as trainer:
+        seen["last_step_code"] = trainer.train()
+    seen["last_step_final"] = (last / "checkpoints" / "final").read_text().strip()
+    (last / "checkpoints" / "final").unlink()
+    with Trainer(_cfg(last, cache, "train.steps=1"), []) as trainer:
+        seen["rerun_code"] = trainer.train()
+    seen["rerun_final"] = (last / "checkpoints" / "final").read_text().strip()
     return seen
 
 
@@ -176,6 +187,8 @@ def test_the_trainer_closes_on_every_path(runs):
     assert named.startswith(str(tmp_path / STOPPED / "checkpoints/step_0000001"))
     assert seen["stopped_closed"] and not seen["stopped_group"]
     assert seen["stopped_latest"] == "step_0000001" and seen["stopped_saved_step"] == 1
+    assert seen["last_step_code"] == 0 and seen["last_step_final"] == "step_0000001"
+    assert seen["rerun_code"] == 0 and seen["rerun_final"] == "step_0000001"
     assert seen["stopped_state"] == dict(step=2, consumed_samples=8, skipped_steps=2, initialized_from=None,
                                         recent_losses=[], skipped_windows=[])
 

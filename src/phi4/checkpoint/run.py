@@ -19,8 +19,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
-from phi4.checkpoint.pointers import checkpoint_dir, latest_checkpoint, publish, require_checkpoint
 from phi4.checkpoint.integrity import check_written
+from phi4.checkpoint.pointers import FINAL, checkpoint_dir, latest_checkpoint, publish, require_checkpoint
 from phi4.checkpoint.rng import rng_sharded_object, rng_state, set_rng_state
 from phi4.checkpoint.weights import assign_model, load_sharded, model_sharded_state_dict
 from phi4.runtime import device
@@ -178,6 +178,15 @@ class RunCheckpointer:
                 reports.get_nowait()
             except queue.Empty:
                 break
+
+    def name_final(self, directory: Path) -> bool:
+        """Collective. Have `checkpoints/final` name `directory` (a run's last step) if nothing does;
+        True when it did not."""
+        missing = not (self.run_dir / "checkpoints" / FINAL).exists()
+        if missing and torch.distributed.get_rank() == 0:
+            publish(self.run_dir, directory, self.keep, final=True)
+        torch.distributed.barrier()
+        return missing
 
     def newest(self) -> str:
         """The run's newest checkpoint, for messages: a background save not yet published is named

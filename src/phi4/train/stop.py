@@ -48,7 +48,11 @@ class StopPolicy:
                 f"{latest_checkpoint()}")
 
     def reason(self, step: int, steps: int) -> Optional[str]:
-        """Why to stop after `step`, agreed by every rank (each keeps its own clock), or None."""
+        """Why to stop after `step`, agreed by every rank (each keeps its own clock), or None. Never
+        after the last step: the run ends there with its final checkpoint, which the next stage
+        starts from, not with a resumable stop whose resume would have nothing to do."""
+        if step >= steps:
+            return None
         t = self.train
         out_of_time = t.max_wall_minutes is not None and time.monotonic() - self.started > 60 * t.max_wall_minutes
         interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < steps

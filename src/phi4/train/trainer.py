@@ -257,7 +257,9 @@ class Trainer:
         """Step until `train.steps`, or a stop (EXIT_RESUMABLE); returns the exit code."""
         t, state, steps = self.settings, self.state, self.steps
         if state.step >= steps:
-            self.log_info(f"nothing to do: {self.resume} is at step {state.step} of {steps}")
+            named = self.checkpointer.name_final(self.resume)  # a run stopped between its last pointers
+            self.log_info(f"nothing to do: {self.resume} is at step {state.step} of {steps}"
+                          f"{'; checkpoints/final now names it' if named else ''}")
             return 0
         tokens, flops = self.objective.throughput(t.global_batch_size * t.seq_length,
                                                   flops_per_token(self.model, t.seq_length))
