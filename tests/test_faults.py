@@ -158,28 +158,30 @@ def test_a_hung_rank_ends_every_rank_and_the_resumed_run_names_a_slow_rank(tmp_p
 
 @pytest.mark.gpu
 def test_a_ranks_own_time_ends_before_work_queued_on_another_stream():
-    """What the straggler report times on a GPU (Device.mark, phi4.train.stragglers): the compute
-    stream's own work. A long chain of matmuls on a side stream stands in for reduce-scatters
-    waiting for a slow peer: the end mark is reached while that work is still running, where a
-    device synchronize (the old timing) would have waited for it."""
+    """The straggler report's timing on a GPU (phi4.train.stragglers.StepTimes): a rank's time ends
+    where its compute stream reaches the gradient reduction. A long chain of matmuls on a side
+    stream stands in for reduce-scatters that wait for a slow peer (train.overlap_grad_reduce):
+    StepTimes has its time while that work still runs, where a device synchronize (the timing
+    before) would have waited for it."""
     import torch
 
     from phi4.runtime import device
+    from phi4.train.stragglers import StepTimes
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    here = device.select(0)
+    device.select(0)
     a = torch.randn(8192, 8192, device="cuda")
     torch.cuda.synchronize()
-    side, side_done = torch.cuda.Stream(), torch.cuda.Event()
-    start = here.mark()
+    times, side, side_done = StepTimes(factor=None, windows=1), torch.cuda.Stream(), torch.cuda.Event()
+    times.step_started()
     with torch.cuda.stream(side):
         for _ in range(100):
             a = a @ a / 8192
         side_done.record(side)
     (torch.ones(16, device="cuda") * 2).sum()  # the compute stream's own, short work
-    end = here.mark()
-    seconds = here.seconds_between(start, end)  # waits for the end mark only
-    assert not side_done.query(), "the mark waited for the other stream's work"
-    assert seconds >= 0
+    times.gradients_ready()
+    times.step_ended()
+    assert not side_done.query(), "the rank's time waited for the other stream's work"
+    assert len(times.window) == 1 and times.window[0] >= 0
     torch.cuda.synchronize()
