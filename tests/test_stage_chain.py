@@ -317,9 +317,9 @@ def test_a_sweep_job_warned_by_the_launcher_saves_is_requeued_and_resumes(chain)
     of the same call, which resumes from it without repeating a step."""
     code, output, sweep = chain["sweep"]
     assert code == 0, output[-3000:]
-    signal_seconds = yaml.safe_load((ROOT / "conf/cluster/local_cpu.yaml").read_text())["signal_seconds"]
+    warning_s = yaml.safe_load((ROOT / "conf/cluster/local_cpu.yaml").read_text())["signal_seconds"]
     scripts = [p.read_text() for p in sweep.glob(".submitit/**/*.sh")]
-    assert scripts and all(f"#SBATCH --signal=USR2@{signal_seconds}\n" in s for s in scripts), scripts
+    assert scripts and all(f"#SBATCH --signal=USR2@{warning_s}\n" in s for s in scripts), scripts
     job_id = chain["sweep_warned"]
     assert job_id, "no USR2 sent to the sweep's job 0 (it ended before logging step 1, or scancel failed)"
     log = (sweep / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()  # both runs: --open-mode=append
