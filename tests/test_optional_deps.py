@@ -67,3 +67,24 @@ def test_te_backend_without_te_is_a_clear_error():
 
     with pytest.raises(ConfigError, match=r"model.backend=te needs Transformer Engine.*or use model.backend=local"):
         phi4_layer_spec("te")
+
+
+def test_a_checkout_on_pythonpath_finds_its_configs(tmp_path):
+    """As the GPU kit runs phi4 (bench/gpu/run.sh: the machine's python3, PYTHONPATH=<checkout>/src
+    plus a --target site, no install, so no editable finder and no package phi4.conf): phi4's
+    configs are the checkout's conf/, and Hydra composes phi4-train's config from them. `-S` keeps the
+    venv's .pth files (the editable install's finder) out, as a --target site has none."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site = sysconfig.get_paths()["purelib"]
+    code = ("import phi4, phi4.settings\n"
+            "from hydra import compose, initialize_config_dir\n"
+            "with initialize_config_dir(config_dir=phi4.conf_dir(), version_base=None):\n"
+            "    cfg = compose('train', overrides=['stage=pretrain'])\n"
+            "print(phi4.conf_dir(), cfg.stage.name)\n")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{root / 'src'}:{site}", "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(root / "conf"), "pretrain"]

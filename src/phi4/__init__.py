@@ -5,16 +5,26 @@ heavy modules are imported where they are used.
 """
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 __version__ = "0.1.0"
 
 
 def conf_dir() -> str:
     """The Hydra configs' folder, found through the installed package phi4.conf: the checkout's
-    conf/ under an editable install, the wheel's copy otherwise."""
-    return str(files("phi4.conf"))
+    conf/ under an editable install, the wheel's copy otherwise. A checkout put on PYTHONPATH
+    (`PYTHONPATH=<checkout>/src`, as the GPU kit runs it, with no install) has no package phi4.conf:
+    its conf/ beside src/ is the one."""
+    if importlib.util.find_spec("phi4.conf") is not None:
+        return str(files("phi4.conf"))
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return str(checkout)
+    raise ModuleNotFoundError("phi4's configs are neither installed (the package phi4.conf) nor beside this "
+                              f"checkout's src/ ({checkout}): install phi4-megatron, or run from a checkout")
 
 
 def _no_op_compile(model=None, **options):
