@@ -445,6 +445,22 @@ def test_a_run_extended_with_override_scheduler_decays_to_the_new_end(tmp_path, 
     assert lr[14] == pytest.approx(3e-4, rel=1e-9)
 
 
+def test_a_checkpoint_without_a_schedule_record_is_compared_through_its_scheduler_state():
+    """Checkpoints saved before phi4 recorded the schedule hold only Megatron-Core's scheduler state:
+    check_resume reads the same settings from it (the wsd settings, which that state lacks, aside)."""
+    import torch
+
+    from phi4.settings import Optim
+    from phi4.train.checks import _saved_schedule
+    from phi4.train.optimizer import build_scheduler, schedule
+
+    optim = Optim(lr=2e-3, min_lr=2e-4, warmup_steps=3, decay_style="cosine", weight_decay=0.05, adam_beta1=0.9,
+                  adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0)
+    state = build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), optim, 40).state_dict()
+    expected = {k: v for k, v in schedule(optim, 40).items() if not k.startswith("optim.wsd_")}
+    assert _saved_schedule({"scheduler": state}) == expected
+
+
 def test_wsd_holds_the_peak_then_decays_over_its_last_fraction():
     """optim.decay_style=wsd through Megatron-Core's scheduler: warm-up, the peak until the last
     wsd_decay_fraction of the steps, then the wsd_decay_style to min_lr at the last step."""

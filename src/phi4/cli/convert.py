@@ -57,7 +57,7 @@ def _tolerance(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value >= 0 or math.isinf(value):
+    if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of at least 0, e.g. 1e-4")
     return value
 
