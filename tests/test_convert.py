@@ -364,3 +364,16 @@ def test_the_commands_run_with_only_the_declared_dependencies(hf_dir, tmp_path):
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(r["code"], r["undeclared"]) for r in results] == [(0, None)] * 3, results
     assert (tmp_path / "hf" / "tokenizer.json").exists() and (tmp_path / "data" / "docs.idx").exists()
+
+
+def _verify_here(hf, ckpt) -> tuple:
+    from phi4.convert.verify import max_logit_difference
+
+    return max_logit_difference(Path(hf), Path(ckpt), tiny_model(**MODEL))
+
+
+@pytest.mark.gpu
+def test_verification_on_a_gpu_compares_on_the_cpu(hf_dir, mcore_dir):
+    """The converted model runs on the GPU; the Hugging Face model's logits are on the CPU."""
+    difference, largest = run_ranks(_verify_here, 1, str(hf_dir[0]), str(mcore_dir), timeout=600)[0]
+    assert difference < TOL * 10 and largest > 1.0  # TF32 matmuls on the GPU

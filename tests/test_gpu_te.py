@@ -124,3 +124,36 @@ def test_cpu_backend_refuses_a_cuda_host():
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu.activate()
     assert not cpu.is_active()
+
+
+def dpo_and_scoring_on_cuda() -> dict:
+    """DPO's loss and report on CUDA tensors, and full logits of an odd token count (PTS, scoring)
+    from an FP8 model: FP8 is off for them, as for decoding."""
+    import torch
+
+    from phi4.model.build import build_phi4_model, transformer_config
+    from phi4.model.config import PrecisionConfig
+    from phi4.model.hf_weights import load_hf_weights
+    from phi4.model.parallel import init_model_parallel
+    from phi4.model.schedule import logits_of_tokens
+    from phi4.posttrain.dpo import _dpo_loss, _reference_loss
+
+    model = dataclasses.replace(tiny_model(), backend="te")
+    precision = PrecisionConfig.from_dict(dict(dtype="bf16", fp8=dict(format="hybrid", recipe="tensorwise")))
+    topology = TopologyConfig()
+    init_model_parallel(model, topology, precision, seed=1)
+    chunks = build_phi4_model(model, topology, precision, config=transformer_config(model, topology, precision))
+    load_hf_weights(chunks, {k: v.cuda() for k, v in random_hf_weights(model, seed=0).items()}, model)
+    logits = logits_of_tokens(chunks, token_rows(model, 1, 7)[:, :7].cuda())
+    per_token = torch.rand(4, 9, device="cuda")
+    batch = dict(loss_mask=torch.ones(4, 9, device="cuda"), ref_logps=torch.zeros(4, device="cuda"))
+    loss, pairs, report = _dpo_loss(batch, 0.1, per_token)
+    _, count, _ = _reference_loss(batch["loss_mask"], per_token)
+    return dict(logits=tuple(logits.shape), fp8_back=chunks[0].config.fp8 is not None,
+                devices={t.device.type for t in (loss, pairs, report["dpo"], count)}, pairs=float(report["dpo"][-1]))
+
+
+def test_dpo_and_full_logits_run_on_cuda_and_under_fp8():
+    result = run_ranks(dpo_and_scoring_on_cuda, 1, timeout=600)[0]
+    assert result["devices"] == {"cuda"} and result["pairs"] == 2.0
+    assert result["logits"][:2] == (1, 7) and result["fp8_back"]

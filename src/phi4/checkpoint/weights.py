@@ -64,7 +64,7 @@ def weights_fingerprint(chunks: list) -> list[float]:
     """[sum, sum of squares] of every weight of the model, each counted once across tensor- and
     pipeline-parallel ranks (fp64): the same on every rank, and equal for equal weights in any
     layout up to rounding. Collective over the model-parallel group."""
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64)  # on the CPU: fp64 sums, moved once for the all-reduce
     for chunk in chunks:
         for param in unwrap(chunk).parameters():
             if param_is_not_tensor_parallel_duplicate(param):

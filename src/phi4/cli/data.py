@@ -74,6 +74,10 @@ def main(argv=None) -> None:
     c.add_argument("--input", type=Path, nargs="+", required=True)
     c.add_argument("--output-prefix", type=Path, required=True)
     c.add_argument("--seq-length", type=_positive, required=True, help="train.seq_length of the SFT run")
+    c.add_argument("--align", type=_positive, default=1,
+                   help="room to pad each conversation to a multiple of this: with context parallelism, 2 x "
+                        "topology.cp (x topology.tp with sequence parallelism), e.g. 16 for h100_1920_midtrain "
+                        "(default 1: no padding)")
     d = sub.add_parser("decontaminate", help="drop training documents sharing an n-gram with evaluation items")
     d.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation JSONL files")
     d.add_argument("--input", type=Path, nargs="+", required=True, help="training JSONL files")
@@ -100,9 +104,10 @@ def main(argv=None) -> None:
         elif args.command == "chat":
             from phi4.data.chat import pack_chat  # lazy: torch and Megatron-Core (6 s) only for this command
 
-            report = pack_chat(args.input, args.output_prefix, args.seq_length)
+            report = pack_chat(args.input, args.output_prefix, args.seq_length, args.align)
+            align = f", each conversation's room a multiple of {args.align}" if args.align > 1 else ""
             print(f"wrote {args.output_prefix}.bin/.idx (+ loss mask): {report.conversations} conversations in "
-                  f"{report.packs} rows of {args.seq_length + 1} tokens ({report.fill:.0%} filled, "
+                  f"{report.packs} rows of {args.seq_length + 1} tokens ({report.fill:.0%} filled{align}, "
                   f"{report.loss_tokens} of {report.tokens} tokens carry loss)")
             _report_bad_lines(args.output_prefix, report.bad_lines)
         elif args.command == "decontaminate":

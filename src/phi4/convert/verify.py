@@ -18,6 +18,7 @@ from phi4.runtime.launch_env import read_launch_env
 
 def verification_tokens(model: ModelConfig, length: int = 64) -> torch.Tensor:
     length = min(length, model.max_position_embeddings)
+    # on the CPU: the Hugging Face model reads them there, and the schedule moves Megatron-Core's copy
     return torch.randint(0, model.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
 
 
@@ -32,7 +33,8 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_logits(ckpt_dir: Path, model: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of the checkpoint loaded into the local spec, TP=1, in this one process."""
+    """Logits of the checkpoint loaded into the local spec, TP=1, in this one process, on the CPU
+    (where the Hugging Face model's are, whatever device the model ran on)."""
     model = dataclasses.replace(model, backend="local")
     topology, precision = TopologyConfig(), PrecisionConfig(dtype="fp32")
     init_model_parallel(model, topology, precision, launch=read_launch_env({}))  # alone, on a free port
@@ -42,7 +44,7 @@ def megatron_logits(ckpt_dir: Path, model: ModelConfig, tokens: torch.Tensor) ->
         logits = logits_of_tokens(chunks, tokens)
     finally:
         shutdown()
-    return logits[..., : model.vocab_size]
+    return logits[..., : model.vocab_size].float().cpu()
 
 
 def max_logit_difference(hf_dir: Path, ckpt_dir: Path, model: ModelConfig) -> tuple[float, float]:

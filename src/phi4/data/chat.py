@@ -11,6 +11,11 @@ with positions restarting at 0 for each. Padding every conversation to the full 
 waste most of each row on short chats; packing with the mask computes the same function as
 one conversation at a time (tests/test_sft.py) at a fraction of the tokens.
 
+Packed with `--align A`, each conversation takes the room of its length rounded up to a multiple
+of A within the row's `seq_length` inputs: the room context parallelism needs, where each
+conversation is padded to a multiple of 2 x cp (x tp with sequence parallelism) at collation and
+cut into its own 2 x cp chunks (phi4.model.context_parallel).
+
 On disk (`<prefix>`): `.bin/.idx` holds the tokens, one sequence per conversation, one document
 per packed row; `.loss_mask.bin/.idx` the same shape in uint8; `.json` the packing's numbers
 and the `seq_length` it was packed for, which training checks.
@@ -68,6 +73,7 @@ def tokenize_conversation(messages) -> tuple[list[int], list[int]]:
 @dataclass
 class PackReport:
     seq_length: int
+    align: int = 1
     conversations: int = 0
     packs: int = 0
     tokens: int = 0
@@ -88,20 +94,31 @@ def _records(paths: Iterable[Path]) -> Iterator[tuple[str, object]]:
             yield where, record if isinstance(record, Exception) else record["messages"]
 
 
-def pack_chat(inputs: list[Path], output_prefix: Path, seq_length: int) -> PackReport:
+def aligned(n: int, align: int) -> int:
+    """`n` rounded up to a multiple of `align`."""
+    return -(-n // align) * align
+
+
+def pack_chat(inputs: list[Path], output_prefix: Path, seq_length: int, align: int = 1) -> PackReport:
     """Tokenize, mask and pack chat JSONL into `<output_prefix>` (written under temporary names,
-    renamed only when complete). Bad lines and conversations longer than a row are reported."""
+    renamed only when complete). Bad lines and conversations longer than a row are reported.
+    With `align` > 1 each conversation counts as its length rounded up to a multiple of `align`,
+    and a row holds `seq_length` of them (the inputs), so that every conversation can be padded
+    to that multiple inside its row."""
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"phi4-data chat: input file(s) not found: {', '.join(missing)}")
-    row = seq_length + 1
+    if align < 1 or seq_length % align:
+        raise ConfigError(f"phi4-data chat: --align {align} must be a positive divisor of --seq-length {seq_length}")
+    row = seq_length + 1 if align == 1 else seq_length
+    size = (lambda n: n) if align == 1 else (lambda n: aligned(n, align))
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     partial = output_prefix.parent / f".{output_prefix.name}.partial-{os.getpid()}"
     names = [f"{partial}", f"{partial}{MASK_SUFFIX}"]
     tokens_out = IndexedDatasetBuilder(f"{names[0]}.bin", dtype=numpy.int32)
     mask_out = IndexedDatasetBuilder(f"{names[1]}.bin", dtype=numpy.uint8)
-    report = PackReport(seq_length)
+    report = PackReport(seq_length, align)
     used = 0  # tokens in the open row
     try:
         for where, messages in _records(inputs):
@@ -112,17 +129,18 @@ def pack_chat(inputs: list[Path], output_prefix: Path, seq_length: int) -> PackR
             except ValueError as err:
                 report.bad_lines.append(f"{where}: {err}")
                 continue
-            if len(ids) > row:
-                report.bad_lines.append(f"{where}: {len(ids)} tokens, longer than a row of seq_length + 1 = {row}")
+            if size(len(ids)) > row:
+                room = f"seq_length + 1 = {row}" if align == 1 else f"seq_length = {row} (aligned to {align})"
+                report.bad_lines.append(f"{where}: {len(ids)} tokens, longer than a row of {room}")
                 continue
-            if used and used + len(ids) > row:  # next fit: close the open row
+            if used and used + size(len(ids)) > row:  # next fit: close the open row
                 tokens_out.end_document()
                 mask_out.end_document()
                 report.packs += 1
                 used = 0
             tokens_out.add_item(torch.tensor(ids, dtype=torch.int32))
             mask_out.add_item(torch.tensor(mask, dtype=torch.uint8))
-            used += len(ids)
+            used += size(len(ids))
             report.conversations += 1
             report.tokens += len(ids)
             report.loss_tokens += sum(mask)
@@ -156,8 +174,9 @@ def pack_chat(inputs: list[Path], output_prefix: Path, seq_length: int) -> PackR
 
 class PackedChatDataset:
     """Packed rows of one `pack_chat` output, as training samples: `tokens`, `labels`,
-    `loss_mask`, `position_ids` (restarting per conversation) and `segments` (the lengths of the
-    conversations in the inputs, then of the padding)."""
+    `loss_mask`, `position_ids` (restarting per conversation), `segments` (the lengths of the
+    conversations in the inputs, then of the padding) and `conversations` (how many of the segments
+    are conversations)."""
 
     def __init__(self, prefix: str | Path, seq_length: int, rows: Optional[range] = None):
         prefix = str(prefix)
@@ -176,6 +195,7 @@ class PackedChatDataset:
                                                                         self.tokens.sequence_lengths):
             raise ConfigError(f"{prefix}: tokens, loss mask and {meta_path.name} disagree; repack it")
         self.seq_length, self.pad_id = seq_length, Phi4Tokenizer.pad_id
+        self.align = int(meta.get("align", 1))
         self.rows = rows if rows is not None else range(len(self.docs) - 1)
 
     def __len__(self) -> int:
@@ -198,7 +218,7 @@ class PackedChatDataset:
             segments.pop()
         return dict(tokens=torch.from_numpy(tokens[:-1].copy()), labels=torch.from_numpy(tokens[1:].copy()),
                     loss_mask=torch.from_numpy(mask[1:].copy()), position_ids=torch.from_numpy(positions[:-1].copy()),
-                    segments=segments)
+                    segments=segments, conversations=min(len(lengths), len(segments)))
 
 
 def block_causal_mask(segments: list[list[int]], seq: int):
@@ -211,14 +231,60 @@ def block_causal_mask(segments: list[list[int]], seq: int):
     return ~(same & causal).unsqueeze(1)
 
 
-def thd_packed(batch: dict, segments: list[list[int]]) -> dict:
+def _cumulative(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *numpy.cumsum(lengths).tolist()], dtype=torch.int32)
+
+
+def pad_conversations(batch: dict, segments: list[list[int]], conversations: list[int], multiple: int,
+                      pad_id: int) -> tuple[dict, list[int], list[int]]:
+    """The micro-batch with each conversation padded to a multiple of `multiple` inside its row
+    (pad tokens and labels, no loss, positions running on), the row's trailing padding shortened to
+    match; with the (actual, padded) lengths of every segment, row after row. The padding follows
+    each conversation's last token, so causal attention leaves the real tokens' outputs as they were."""
+    rows, seq = batch["tokens"].shape
+    out = dict(tokens=torch.full((rows, seq), pad_id, dtype=batch["tokens"].dtype),
+               labels=torch.full((rows, seq), pad_id, dtype=batch["labels"].dtype),
+               loss_mask=torch.zeros((rows, seq), dtype=batch["loss_mask"].dtype),
+               position_ids=torch.zeros((rows, seq), dtype=batch["position_ids"].dtype))
+    actual, padded = [], []
+    for b, (row_segments, count) in enumerate(zip(segments, conversations)):
+        src = dst = 0
+        for n in row_segments[:count]:
+            room = aligned(n, multiple)
+            if dst + room > seq:
+                raise ConfigError(f"a packed row's conversations ({row_segments[:count]}) padded to multiples of "
+                                  f"{multiple} exceed train.seq_length={seq}: the data was not packed with "
+                                  f"`phi4-data chat --align` a multiple of {multiple}")
+            for k in ("tokens", "labels", "loss_mask"):
+                out[k][b, dst : dst + n] = batch[k][b, src : src + n]
+            out["position_ids"][b, dst : dst + room] = torch.arange(room)
+            actual.append(n)
+            padded.append(room)
+            src, dst = src + n, dst + room
+        if dst < seq:  # the trailing padding: one segment of its own
+            out["position_ids"][b, dst:] = torch.arange(seq - dst)
+            actual.append(seq - dst)
+            padded.append(seq - dst)
+    return out, actual, padded
+
+
+def thd_packed(batch: dict, segments: list[list[int]], conversations: Optional[list[int]] = None,
+               multiple: int = 1, pad_id: int = Phi4Tokenizer.pad_id) -> dict:
     """The micro-batch flattened into one packed row with `cu_seqlens`, for Transformer Engine's
-    attention (the te backend)."""
-    lengths = torch.tensor([n for row in segments for n in row], dtype=torch.int32)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0, dtype=torch.int32)])
+    attention (the te backend). With `multiple` > 1 (context parallelism) each conversation is first
+    padded to a multiple of it, and `cu_seqlens_q_padded` gives the padded boundaries that TE's
+    context-parallel attention and Megatron-Core's THD RoPE lay the tokens out by (Megatron-Bridge's
+    packed sequences: cu_seqlens unpadded, cu_seqlens_padded padded)."""
+    lengths = [n for row in segments for n in row]
+    padded = None
+    if multiple > 1:
+        batch, lengths, padded = pad_conversations(batch, segments, conversations, multiple, pad_id)
     flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+    cu = _cumulative(lengths)
+    cu_padded = _cumulative(padded) if padded is not None else None
+    longest = max(padded if padded is not None else lengths)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                             cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
     return {**flat, "packed_seq_params": params}
 
 
@@ -226,6 +292,20 @@ def thd_packed(batch: dict, segments: list[list[int]]) -> dict:
 class PackedChatFormat(DataFormat):
     """Packed conversations with a loss mask (`phi4-data chat`): SFT. Attention stays inside each
     conversation: a block-causal mask (`mask`, the local backend) or THD boundaries (`thd`, te)."""
+
+    def check_packing(self, sources: list, multiple: int, needed_by: str) -> None:
+        """Each source packed with room to pad every conversation to `multiple` (`phi4-data chat --align`)."""
+        if multiple == 1:
+            return
+        for s in sources:
+            meta = json.loads(Path(f"{s.path}.json").read_text())
+            align = int(meta.get("align", 1))
+            if align % multiple:
+                raise ConfigError(
+                    f"data.sources.{s.name}: {s.path} was packed with --align {align}, but {needed_by} pads each "
+                    f"conversation to a multiple of {multiple}; repack it with `phi4-data chat --input CHATS.jsonl "
+                    f"--output-prefix {s.path} --seq-length {meta.get('seq_length')} --align {multiple}` "
+                    f"(or a multiple of {multiple})")
 
     def check_files(self, data, sources: list, vocab_size: int) -> None:
         check_sources(sources)
@@ -241,12 +321,14 @@ class PackedChatFormat(DataFormat):
         return blend_by_weight(sources, lambda s, rows: PackedChatDataset(s.path, seq_length, rows), data.split,
                                train_samples, valid_samples)
 
-    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str) -> list[dict]:
+    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str,
+                sequence_multiple: int = 1) -> list[dict]:
         batches = stack_rows(samples, micro_batch_size)
         for start, batch in zip(range(0, len(samples), micro_batch_size), batches):
-            segments = [s["segments"] for s in samples[start : start + micro_batch_size]]
+            group = samples[start : start + micro_batch_size]
+            segments = [s["segments"] for s in group]
             if packed_attention == "mask":
                 batch["attention_mask"] = block_causal_mask(segments, batch["tokens"].shape[1])
             else:
-                batch.update(thd_packed(batch, segments))
+                batch.update(thd_packed(batch, segments, [s["conversations"] for s in group], sequence_multiple))
         return batches

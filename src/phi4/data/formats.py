@@ -33,19 +33,23 @@ def data_format(data: DictConfig) -> DataFormat:
     return FORMATS[name]
 
 
-def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, vocab_size: int) -> list[Source]:
+def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, vocab_size: int,
+                    sequence_multiple: int = 1, needed_by: str = "") -> list[Source]:
     """The configured sources, checked by their format; rank 0 first generates the bundled synthetic
     ones that are missing and checks them before the others, which then read its cached results
-    instead of scanning every file again."""
+    instead of scanning every file again. Packed sources must have room to pad each sequence to
+    `sequence_multiple` (what `needed_by`, the layout, asks)."""
     sources = [Source(s.name, str(s.path), float(s.weight)) for s in data.sources]
     if rank == 0:
         for s in data.sources:
             if s.generate:
                 ensure_corpus(Path(s.path), seq_length=seq_length, **s.generate)
         fmt.check_files(data, sources, vocab_size)
+        fmt.check_packing(sources, sequence_multiple, needed_by)
     torch.distributed.barrier()
     if rank != 0:
         fmt.check_files(data, sources, vocab_size)
+        fmt.check_packing(sources, sequence_multiple, needed_by)
     return sources
 
 
@@ -64,6 +68,7 @@ class Collate:
     format: DataFormat
     micro_batch_size: int
     packed_attention: str = "mask"  # mask | thd
+    sequence_multiple: int = 1  # thd under context parallelism: each sequence padded to a multiple of it
 
     def __call__(self, samples: list[dict]) -> list[dict]:
-        return self.format.collate(samples, self.micro_batch_size, self.packed_attention)
+        return self.format.collate(samples, self.micro_batch_size, self.packed_attention, self.sequence_multiple)

@@ -138,5 +138,6 @@ class PreferenceFormat(DataFormat):
         return blend_by_weight(sources, lambda s, rows: PreferenceDataset(s.path, seq_length, rows), data.split,
                                train_samples, valid_samples)
 
-    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str) -> list[dict]:
+    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str,
+                sequence_multiple: int = 1) -> list[dict]:
         return collate_pairs(samples, micro_batch_size)

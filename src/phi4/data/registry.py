@@ -42,12 +42,17 @@ class DataFormat:
     def check_files(self, data: Data, sources: list, vocab_size: int) -> None:
         """Every source whole and within the vocabulary, before the model is built."""
 
+    def check_packing(self, sources: list, multiple: int, needed_by: str) -> None:
+        """Packed formats: room in every row to pad each sequence to `multiple` (context parallelism)."""
+
     def datasets(self, data: Data, sources: list, seq_length: int, train_samples: int, valid_samples: int,
                  seed: int) -> tuple:
         raise NotImplementedError
 
-    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str) -> list[dict]:
-        """Micro-batches of [micro_batch, seq] tensors (on the CPU; the step moves them)."""
+    def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str,
+                sequence_multiple: int = 1) -> list[dict]:
+        """Micro-batches of [micro_batch, seq] tensors (on the CPU; the step moves them). Packed
+        formats pad each sequence to `sequence_multiple` (context parallelism; 1: none)."""
         return stack_rows(samples, micro_batch_size)
 
 

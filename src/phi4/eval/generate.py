@@ -15,7 +15,6 @@ broadcasts its choice: right on every layout, slower for long answers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Iterable, Optional
 
@@ -25,7 +24,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from phi4.eval.sampling import top_p_filter
-from phi4.model.build import unwrap
+from phi4.model.build import unwrap, without_fp8
 from phi4.model.schedule import run_schedule
 
 
@@ -130,7 +129,7 @@ class Decoder:
         model emitted one. Decoding runs in bf16 even when the model trains in FP8: Transformer
         Engine's FP8 GEMMs need token counts in multiples of 16, and a cached decoding step has
         one token per prompt."""
-        with _without_fp8(self.net.config):
+        with without_fp8(self.net.config):
             return self._generate(prompts, max_new_tokens, temperature, top_p, generator)
 
     @torch.no_grad()
@@ -145,7 +144,7 @@ class Decoder:
         start, end = int(lengths.min()), int(lengths.max()) + max_new_tokens
         tokens = torch.zeros(batch, end, dtype=torch.long, device=self.device)
         for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         steps = (_CachedSteps(self.net, batch, end, self.vocab_size) if self.kv_cache
                  else _FullForwardSteps(self.chunks, self.vocab_size, self.pad_to))
         completions: list[list[int]] = [[] for _ in range(batch)]
@@ -165,16 +164,4 @@ class Decoder:
                 break
             logits = steps.next(tokens, position)
         return completions
-
-
-@contextlib.contextmanager
-def _without_fp8(config):
-    """Megatron-Core enters Transformer Engine's FP8 autocast per forward when `config.fp8` is
-    set; the config is shared by the model's modules, so clearing it turns FP8 off for them."""
-    saved = getattr(config, "fp8", None)
-    config.fp8 = None
-    try:
-        yield
-    finally:
-        config.fp8 = saved
 

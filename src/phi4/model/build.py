@@ -7,6 +7,7 @@ stage), with untied embeddings, RoPE and the padded vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -161,6 +162,20 @@ def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, padded_voc
         return logits.masked_fill(ids >= vocab_size, float("-inf")), bias
 
     output_layer.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def without_fp8(config):
+    """FP8 off for the forwards inside (inference: decoding, scoring, verification), whose token
+    counts Transformer Engine's FP8 GEMMs do not take (multiples of 16). Megatron-Core enters TE's
+    FP8 autocast per forward when `config.fp8` is set; the config is shared by the model's modules,
+    so clearing it turns FP8 off for them."""
+    saved = getattr(config, "fp8", None)
+    config.fp8 = None
+    try:
+        yield
+    finally:
+        config.fp8 = saved
 
 
 def _encoder_or_decoder():

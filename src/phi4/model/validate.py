@@ -102,6 +102,35 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
         )
 
 
+def sequence_multiple(topology: TopologyConfig) -> int:
+    """What a sequence's length must be a multiple of in this layout: 2 x cp chunks, each split over
+    tp with sequence parallelism (Megatron-Core's models/multimodal/context_parallel.py get_padding:
+    tp x cp x 2 with SP and CP, cp x 2 with CP, tp with SP)."""
+    return (2 * topology.cp if topology.cp > 1 else 1) * (topology.tp if topology.sp else 1)
+
+
+def thd_sequence_multiple(topology: TopologyConfig) -> int:
+    """What each packed conversation is padded to: the layout's sequence multiple under context
+    parallelism (phi4.model.context_parallel cuts each one into 2 x cp chunks), else 1 (no padding)."""
+    return sequence_multiple(topology) if topology.cp > 1 else 1
+
+
+def check_sequence_length(seq_length: int, topology: TopologyConfig) -> None:
+    """A sequence must cut into context parallelism's 2 x cp chunks, each split over tp with
+    sequence parallelism."""
+    multiple = sequence_multiple(topology)
+    if seq_length % multiple:
+        parts = ([f"2 x topology.cp={topology.cp}"] if topology.cp > 1 else []) + \
+            ([f"topology.tp={topology.tp} (topology.sp=true)"] if topology.sp else [])
+        near = sorted({max(multiple, seq_length // multiple * multiple), (seq_length // multiple + 1) * multiple})
+        raise ConfigError(
+            f"train.seq_length={seq_length} is not a multiple of {' x '.join(parts)} = {multiple}: "
+            f"{'context parallelism cuts each sequence into 2 x cp chunks' if topology.cp > 1 else 'sequence parallelism splits each sequence'}"
+            f"{', each split over tp' if topology.cp > 1 and topology.sp else ''}; valid: a multiple of {multiple}, "
+            f"e.g. {' or '.join(map(str, near))}"
+        )
+
+
 def check_precision(model: ModelConfig, precision: PrecisionConfig, topology: Optional[TopologyConfig] = None) -> None:
     """Everything Megatron-Core's TransformerConfig would refuse about FP8, refused first, by name."""
     if precision.dtype not in DTYPES:

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Iterable, Optional
 
 from phi4.errors import ConfigError
-from phi4.model.validate import check_run, valid_tp_sizes
+from phi4.model.validate import check_run, check_sequence_length, valid_tp_sizes
 from phi4.plan.estimate import estimate
 from phi4.plan.spec import PlanSpec
 from phi4.runtime.hardware import HardwareConfig
@@ -34,12 +34,7 @@ def check_batch(spec: PlanSpec) -> None:
         raise ConfigError(
             f"train.global_batch_size={spec.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={spec.micro_batch_size} x dp={spec.dp} = {per_step}")
-    if t.cp > 1 and spec.seq_length % (2 * t.cp):
-        raise ConfigError(f"train.seq_length={spec.seq_length} does not split into 2 x cp={t.cp} chunks "
-                          "(context parallelism's load-balanced causal split)")
-    if t.sp and (spec.seq_length // t.cp) % t.tp:
-        raise ConfigError(f"train.seq_length / cp = {spec.seq_length // t.cp} is not a multiple of tp={t.tp} "
-                          "(sequence parallelism)")
+    check_sequence_length(spec.seq_length, t)
 
 
 def check_layout(spec: PlanSpec) -> None:

@@ -52,7 +52,7 @@ def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tor
 
 def _reference_loss(loss_mask, per_token_loss):
     logps = sequence_logps(per_token_loss, loss_mask).detach()
-    return torch.zeros((), device=logps.device), torch.ones((), dtype=torch.int), {"logps": logps}
+    return torch.zeros((), device=logps.device), torch.ones((), dtype=torch.int, device=logps.device), {"logps": logps}
 
 
 def _model_call(batch, model):
@@ -79,8 +79,9 @@ def _dpo_loss(batch, beta, per_token_loss):
     k = logps.shape[0] // 2
     ref = batch["ref_logps"].to(logps.device)
     terms = dpo_terms(logps[:k], logps[k:], ref[:k], ref[k:], beta)
-    report = torch.stack([terms[name].detach().float().sum() for name in REPORT] + [torch.tensor(float(k))])
-    return terms["loss"].sum(), torch.tensor(k, dtype=torch.int), {"dpo": report}
+    pairs = torch.tensor(float(k), device=logps.device)
+    report = torch.stack([terms[name].detach().float().sum() for name in REPORT] + [pairs])
+    return terms["loss"].sum(), torch.tensor(k, dtype=torch.int, device=logps.device), {"dpo": report}
 
 
 def dpo_forward_step(beta: float):
@@ -129,6 +130,10 @@ class DirectPreference(Objective):
         if self.cfg.get("dpo") is None:
             raise ConfigError("train.objective=dpo needs the dpo settings (beta, reference): use stage=dpo")
         self.settings: Dpo = OmegaConf.to_object(self.cfg.dpo)
+        if trainer.topology.cp > 1:  # a pair's log-probability is a sum over the whole sequence
+            raise ConfigError(f"train.objective=dpo needs topology.cp=1 (got {trainer.topology.cp}): each "
+                              "context-parallel rank would score only its own chunks of every response; "
+                              "valid: a layout with topology.cp=1, e.g. topology=h100_1920")
         self.reference_path = self.settings.reference or trainer.checkpointing.load
         if not self.reference_path:
             raise ConfigError("train.objective=dpo needs a reference model: set dpo.reference or checkpoint.load "

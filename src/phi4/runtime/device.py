@@ -50,9 +50,10 @@ class Device:
             return batch
         moved = {k: self.put(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         params = moved.get("packed_seq_params")
-        if params is not None:
-            for name in ("cu_seqlens_q", "cu_seqlens_kv"):
-                setattr(params, name, self.put(getattr(params, name)))
+        if params is not None:  # cu_seqlens_q/kv and their _padded forms
+            for name, value in vars(params).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(params, name, self.put(value))
         return moved
 
     def peak_tflops(self, configured: Optional[float] = None) -> Optional[float]:

@@ -42,7 +42,7 @@ from phi4.model.build import build_phi4_model, model_summary, transformer_config
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.flops import flops_per_token
 from phi4.model.parallel import check_on_device
-from phi4.model.validate import check_run
+from phi4.model.validate import check_run, check_sequence_length, thd_sequence_multiple
 from phi4.runtime import device
 from phi4.runtime.distributed import init_distributed, placement, shutdown
 from phi4.runtime.launch_env import read_launch_env
@@ -136,6 +136,9 @@ class Trainer:
             raise ConfigError(f"topology.nodes x topology.gpus_per_node = {self.topology.world_size}, but "
                               f"{self.launch.world_size} processes were started")
         check_run(self.model, self.topology, self.precision, self.launch.world_size)
+        check_sequence_length(self.settings.seq_length, self.topology)
+        # packed rows on te under context parallelism: each conversation padded to this, then cut in 2 x cp
+        self.thd_multiple = thd_sequence_multiple(self.topology) if self.model.backend == "te" else 1
         self.dp = self.topology.data_parallel_size(self.launch.world_size)
         self.steps = total_steps(self.settings)
         self.run_dir = Path(cfg.run_dir)
@@ -169,7 +172,9 @@ class Trainer:
         self.stop = StopPolicy(t)
         rank = torch.distributed.get_rank()
         self.run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        sources = prepare_sources(self.data, self.data_format, t.seq_length, rank, self.model.vocab_size)
+        sources = prepare_sources(self.data, self.data_format, t.seq_length, rank, self.model.vocab_size,
+                                  self.thd_multiple, f"topology.cp={self.topology.cp} (tp={self.topology.tp}, "
+                                  f"sp={str(self.topology.sp).lower()})")
 
         self.config = transformer_config(self.model, self.topology, self.precision)
         self.chunks = build_phi4_model(self.model, self.topology, self.precision, config=self.config)
@@ -201,7 +206,8 @@ class Trainer:
         train_ds, self.valid_dataset = build_train_valid(self.data, self.data_format, sources, t.seq_length,
                                                          self.steps * t.global_batch_size, max(t.eval_samples, 1),
                                                          cfg.seed)
-        self.collate = Collate(self.data_format, t.micro_batch_size, "thd" if self.model.backend == "te" else "mask")
+        self.collate = Collate(self.data_format, t.micro_batch_size, "thd" if self.model.backend == "te" else "mask",
+                               self.thd_multiple)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.batches = GlobalBatches(train_ds, t.global_batch_size, self.dp_rank, self.dp, self.state.consumed_samples)
         for callback in self.callbacks:
