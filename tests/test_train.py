@@ -188,7 +188,7 @@ def test_phi4_eval_stops_on_sigterm_and_resumes(default_run, tmp_path):
 def straight(tmp_path_factory, cache):
     """10 uninterrupted fp32 steps: the reference of the bf16 and overlapped-communication tests."""
     run = tmp_path_factory.mktemp("straight")
-    _ok(train(run, *small(cache, "train.steps=10")))
+    _ok(train(run, *small(cache, "train.steps=10", "checkpoint.every=4", "checkpoint.keep=3")))
     return run
 
 
@@ -212,14 +212,28 @@ def test_resume_under_another_layout(tmp_path, cache):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
+def _model_tensors(directory) -> dict:
+    from phi4.convert.mcore_checkpoint import CheckpointReader
+
+    reader = CheckpointReader(Path(directory))
+    keys = [k for k in reader.tensors if not k.startswith("optimizer") and reader.dtype(k).is_floating_point]
+    return {key: tensor for (key, _), tensor in reader.read([(k, None) for k in keys]).items()}
+
+
 def test_overlapped_grad_reduce_and_param_gather(tmp_path, cache, straight):
     """DP=2 with the reduce-scatter and all-gather overlapped: the losses of the single-process
-    run, step for step (the same schedule: 10 steps, stopped after 4)."""
+    run, step for step (the same schedule: 10 steps, stopped after 4), and its step-4 checkpoint
+    holds the single-process run's step-4 weights, every shard of them (each DP rank updates only
+    its own shard; without a forced all-gather before the save the others would be step 3's)."""
     out = train(tmp_path, *small(cache, "train.steps=10", "train.exit_interval=4", "train.overlap_grad_reduce=true",
                                  "train.overlap_param_gather=true"), procs=2)
     assert "stopping at step 4" in out.stdout + out.stderr, out.stdout[-3000:]
     a, b = losses(straight), losses(tmp_path)
     assert sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in b), (a, b)
+    ours, reference = (_model_tensors(run / "checkpoints" / "step_0000004") for run in (tmp_path, straight))
+    assert len(ours) >= 5 and ours.keys() == reference.keys()
+    worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
+    assert worst < 1e-5, worst
 
 
 def test_sigterm_saves_and_exits_resumable(tmp_path, cache):

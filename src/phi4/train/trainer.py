@@ -319,6 +319,13 @@ class Trainer:
 
     def save(self, final: bool = False, wait: bool = False) -> Path:
         """A checkpoint of the run at this step (collective): the parts' states and the TrainState."""
+        if self.settings.overlap_param_gather:
+            # Each data-parallel rank has updated only its own shard of the weights; the others
+            # arrive with the next forward's all-gather. Gather them now, or the checkpoint (and its
+            # fingerprint) holds partly last step's weights: Megatron-LM's training.py calls
+            # force_param_sync(model) in save_checkpoint_and_time for the same reason.
+            for chunk in self.ddp:
+                chunk.start_param_sync(force_sync=True)
         extra = dict(self.state.state_dict(), layout=self.layout, config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
                      weights_fingerprint=weights_fingerprint(self.ddp), schedule=schedule(self.optim, self.steps))
         extra[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model)
