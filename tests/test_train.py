@@ -234,6 +234,13 @@ def test_overlapped_grad_reduce_and_param_gather(tmp_path, cache, straight):
     assert len(ours) >= 5 and ours.keys() == reference.keys()
     worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
     assert worst < 1e-5, worst
+    # The weights, alike on both data-parallel ranks, were written by both (Megatron-LM's fully
+    # parallel save), not all by DP rank 0: each rank's file holds some of them.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(tmp_path / "checkpoints" / "step_0000004")).read_metadata().storage_data
+    writers = {info.relative_path.split("_")[2] for index, info in storage.items() if index.fqn in ours}
+    assert writers == {"0", "1"}, writers
 
 
 def test_sigterm_saves_and_exits_resumable(tmp_path, cache):

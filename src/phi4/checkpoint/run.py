@@ -22,7 +22,7 @@ from megatron.core.dist_checkpointing.strategies.filesystem_async import get_wri
 from phi4.checkpoint.integrity import check_written
 from phi4.checkpoint.pointers import FINAL, checkpoint_dir, latest_checkpoint, publish, require_checkpoint
 from phi4.checkpoint.rng import rng_sharded_object, rng_state, set_rng_state
-from phi4.checkpoint.weights import assign_model, load_sharded, model_sharded_state_dict
+from phi4.checkpoint.weights import assign_model, load_sharded, model_sharded_state_dict, save_strategy
 from phi4.runtime import device
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -123,12 +123,13 @@ class RunCheckpointer:
         torch.distributed.barrier()
         state = self._state(chunks, optimizer, scheduler, extra, is_loading=False)
         if not self.async_save:
-            dist_checkpointing.save(state, str(directory))
+            dist_checkpointing.save(state, str(directory), sharded_strategy=save_strategy())
             self._finish(directory, final)
             return directory
         self.wait()
         # "mcore": Megatron-Core's own background writer ("nvrx" needs nvidia-resiliency-ext)
-        request = dist_checkpointing.save(state, str(directory), async_sharded_save=True, async_strategy="mcore")
+        request = dist_checkpointing.save(state, str(directory), sharded_strategy=save_strategy(),
+                                          async_sharded_save=True, async_strategy="mcore")
         request = _slowed_writer(request)
         request.add_finalize_fn(lambda: self._finish(directory, final))
         self._queue = self._queue or AsyncCallsQueue()

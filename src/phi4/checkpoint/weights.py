@@ -10,6 +10,14 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from phi4.checkpoint.pointers import resolve_checkpoint
@@ -32,10 +40,27 @@ def model_sharded_state_dict(chunks: list, with_extra_state: bool = False) -> di
     return state
 
 
+def save_strategy():
+    """torch_dist, with the writing of what data-parallel ranks hold alike (the weights) spread over
+    them instead of left to DP rank 0: Megatron-LM's checkpointing.py wraps its save strategy in
+    FullyParallelSaveStrategyWrapper over the data-parallel group with CP (--ckpt-fully-parallel-save,
+    on by default; Megatron-Bridge's fully_parallel_save the same)."""
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                            parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def load_strategy(directory: Path):
+    """The load counterpart: each data-parallel rank reads a share of the replicated tensors and
+    the ranks exchange them (Megatron-LM's --ckpt-fully-parallel-load)."""
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(directory)),
+                                            parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
 def load_sharded(state: dict, directory: Path) -> dict:
-    """Megatron-Core's load of `state` from `directory`; a mismatch is one line naming it."""
+    """Megatron-Core's load of `state` from `directory`, spread over the data-parallel ranks
+    (collective); a mismatch is one line naming it."""
     try:
-        return dist_checkpointing.load(state, str(directory))
+        return dist_checkpointing.load(state, str(directory), sharded_strategy=load_strategy(directory))
     except (CheckpointingException, KeyError) as err:
         raise ConfigError(f"{directory} does not match this model or layout: {err}") from None
 
