@@ -157,12 +157,12 @@ def test_decoding_turns_fp8_off_and_back_on():
     """A cached decoding step has one token per prompt, which Transformer Engine's FP8 GEMMs do
     not take: the Decoder runs with the shared config's fp8 cleared, and restores it after,
     also when decoding fails."""
-    from phi4.eval.generate import _without_fp8
+    from phi4.model.build import without_fp8
 
     kind, config = outcome(PrecisionConfig.from_dict(dict(dtype="bf16", fp8=dict(recipe="tensorwise"))), TopologyConfig())
     assert kind == "accepted" and config.fp8 == "hybrid"
     with pytest.raises(RuntimeError, match="inside"):
-        with _without_fp8(config):
+        with without_fp8(config):
             assert config.fp8 is None
             raise RuntimeError("inside")
     assert config.fp8 == "hybrid"

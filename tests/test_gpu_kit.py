@@ -6,8 +6,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -116,10 +119,48 @@ def test_kit_pins_are_the_tested_versions():
     assert len(te) == 1  # the extension must match its core library exactly
 
 
+def as_on_the_machine(tmp_path, *args, timeout=300):
+    """A command as bench/gpu/run.sh runs it on the GPU machine: its python3 with
+    PYTHONPATH=<checkout>/src:<site folder>, nothing installed (no editable finder, no phi4.conf
+    package); `-S` keeps this venv's .pth files out, as the machine's site folder has none."""
+    site = sysconfig.get_paths()["purelib"]
+    env = {"PYTHONPATH": f"{ROOT / 'src'}:{site}", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+           "HOME": str(tmp_path), "PHI4_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-S", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_kit_rehearsed_as_the_machine_runs_it(tmp_path):
+    """Every entry point imports, the gpu tests collect (pytest_gpu's command), and the training
+    check's command trains a step, in the machine's environment (the throughput script runs there
+    too: the test below). A rehearsal inside the venv once hid an import that failed every check."""
+    entries = re.findall(r'"(phi4-[\w]+) = ([\w.]+):(\w+)"', (ROOT / "setup.py").read_text())
+    assert len(entries) == 6
+    code = "import importlib\n" + "".join(f"assert callable(importlib.import_module('{m}').{f}), '{n}'\n"
+                                          for n, m, f in entries)
+    imported = as_on_the_machine(tmp_path, "-c", code + "import phi4; print(phi4.conf_dir())")
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert imported.stdout.split() == [str(ROOT / "conf")]
+    collected = as_on_the_machine(tmp_path, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "tests")
+    assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
+    gpu_tests = {line.split("::")[1].split("[")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert {"test_te_spec_trains_in_fp8_close_to_bf16", "test_thd_packing_on_transformer_engine",
+            "test_thd_partition_is_transformer_engines", "test_dpo_and_full_logits_run_on_cuda_and_under_fp8",
+            "test_verification_on_a_gpu_compares_on_the_cpu"} <= gpu_tests, gpu_tests
+    run_dir = tmp_path / "run"
+    trained = as_on_the_machine(tmp_path, "launch/train.py", "train.steps=1", "optim.warmup_steps=0", "checkpoint.every=0",
+                                "train.log_every=1", "train.eval_every=0", "eval.every=0", "model.hidden_size=64",
+                                "model.ffn_hidden_size=224",
+                                "train.seq_length=32", "train.global_batch_size=2", "train.micro_batch_size=2",
+                                "data.synthetic.problems=300", "train.tensorboard=false", f"run_dir={run_dir}")
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert '"step": 1' in (run_dir / "metrics.jsonl").read_text()
+
+
 def test_throughput_script_at_a_tiny_shape_on_the_cpu(tmp_path):
-    """The figures the GPU run reports, computed by the same code at the tiny shape: tokens/s from
-    the step time, model TFLOP/s from phi4's FLOP count, MFU against the hardware file's bf16 peak,
-    and phi4-plan's estimate for the same shape."""
+    """The figures the GPU run reports, computed by the same code at the tiny shape, run as the
+    machine runs it: tokens/s from the step time, model TFLOP/s from phi4's FLOP count, MFU against
+    the hardware file's bf16 peak, and phi4-plan's estimate for the same shape."""
     sys.path.insert(0, str(ROOT / "src"))
     from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
     from phi4.model.flops import flops_per_token
@@ -129,9 +170,9 @@ def test_throughput_script_at_a_tiny_shape_on_the_cpu(tmp_path):
     from phi4.plan.spec import PlanSpec
 
     profile = tmp_path / "profile.txt"
-    done = subprocess.run([sys.executable, str(KIT / "throughput.py"), "--shape", "tiny", "--backend", "local",
-                           "--dtype", "fp32", "--hardware", "cpu", "--layers", "2", "--steps", "2", "--warmup", "1",
-                           "--profile", str(profile), "--json"], capture_output=True, text=True, timeout=300)
+    done = as_on_the_machine(tmp_path, str(KIT / "throughput.py"), "--shape", "tiny", "--backend", "local",
+                             "--dtype", "fp32", "--hardware", "cpu", "--layers", "2", "--steps", "2", "--warmup", "1",
+                             "--profile", str(profile), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert (r["layers"], r["seq"], r["micro_batch_size"], r["micro_batches"]) == (2, 64, 2, 2)
@@ -195,3 +236,20 @@ def test_fp8_runs_are_compared_with_bf16_at_the_same_steps():
     spec.loader.exec_module(checks)
     assert checks.loss_gap([[10, 8.0], [20, 4.0]], [[10, 8.4], [20, 4.1], [30, 3.0]]) == pytest.approx(0.05)
     assert checks.loss_gap([[10, 8.0]], [[20, 4.0]]) is None
+
+
+def test_the_bf16_reference_runs_before_every_fp8_check_and_call_six_measures_a_gap():
+    """Every FP8 loss gap is measured against te_train_bf16, so it runs first among the TE checks;
+    call 6 (--budget 360, bench/gpu/README.md) holds te_import, the bf16 and default-FP8 runs and the
+    bf16 throughput."""
+    spec = importlib.util.spec_from_file_location("gpu_checks_order", KIT / "checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = checks
+    spec.loader.exec_module(checks)
+    names = [c.name for c in checks.checks(Path("/tmp/x"))]
+    te = [c for c in checks.checks(Path("/tmp/x")) if "te" in c.needs]
+    assert [c.name for c in te][:4] == ["te_import", "te_train_bf16", "te_train_tensorwise", "throughput_te_bf16"]
+    fp8 = [n for n in names if any(r in n for r in ("tensorwise", "delayed", "blockwise", "mxfp8"))]
+    assert all(names.index("te_train_bf16") < names.index(n) for n in fp8)
+    assert sum(c.budget for c in te[:4]) <= 360
+    assert "--budget 360" in (KIT / "README.md").read_text()
