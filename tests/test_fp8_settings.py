@@ -166,3 +166,57 @@ def test_decoding_turns_fp8_off_and_back_on():
             assert config.fp8 is None
             raise RuntimeError("inside")
     assert config.fp8 == "hybrid"
+
+
+def test_fused_kernels_are_on_for_gpus_and_off_on_the_cpu():
+    """Megatron-Bridge's fusions on a GPU (where each can run), none on the CPU; Megatron-Core's
+    TransformerConfig accepts the GPU set with Phi-4's SwiGLU (the te set also needs TE's fused RoPE,
+    checked where TE is importable: the te spec's GPU tests)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    from phi4.model.build import fusion_settings, transformer_config
+    from phi4.plan import memory
+    from phi4.plan.spec import PlanSpec
+
+    cpu = fusion_settings("te", on_cpu=True)
+    assert not any(v for v in cpu.values())
+    assert not any(getattr(transformer_config(tiny_model(), TopologyConfig(), PrecisionConfig(dtype="fp32")), k)
+                   for k in cpu)  # this machine has no GPU
+    te, local = fusion_settings("te", on_cpu=False), fusion_settings("local", on_cpu=False)
+    assert te["bias_activation_fusion"] and te["cross_entropy_loss_fusion"] and te["apply_rope_fusion"]
+    assert not local["apply_rope_fusion"]  # TE's kernel
+    apex = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    assert te["gradient_accumulation_fusion"] == apex == local["gradient_accumulation_fusion"]
+    TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=224,
+                      gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
+                      attention_dropout=0.0, normalization="RMSNorm", **local)
+    # the fused SwiGLU keeps one [tokens, ffn / tp] tensor less per layer: what the planner counts on GPUs
+    spec = PlanSpec(tiny_model(), TopologyConfig(tp=2, sp=True), PrecisionConfig(dtype="bf16"), 2, 256, 2, 4)
+    saved = memory.layer_activation_bytes(spec) - memory.layer_activation_bytes(spec, fused=True)
+    assert saved == 256 * 2 * 2 * spec.model.ffn_hidden_size / 2
+
+
+def test_fp8_weights_are_the_default_and_the_planner_counts_them():
+    """precision=fp8 keeps the FP8 layers' weights in FP8 (Megatron-Core's fp8_param, which phi4
+    passes on to DDP's fp8_param_gather), as Bridge's FP8 recipes do; off, TE keeps an FP8 copy and
+    its transpose beside the bf16 weights. The planner: one byte a weight for the FP8 layers' linear
+    weights, one copy (the transpose) instead of two."""
+    from phi4.plan import memory
+    from phi4.plan.spec import PlanSpec
+
+    shipped = PrecisionConfig.from_dict(shipped_precisions()["fp8"])
+    assert shipped.fp8.param_gather
+    kind, config = outcome(shipped, TopologyConfig())
+    assert kind == "accepted" and config.fp8_param
+    off = dataclasses.replace(shipped, fp8=dataclasses.replace(shipped.fp8, param_gather=False))
+    assert not outcome(off, TopologyConfig())[1].fp8_param
+    on_spec, off_spec = (PlanSpec(MODEL, TopologyConfig(tp=2, sp=True), p, 2, 256, 2, 4) for p in (shipped, off))
+    layers, in_fp8 = memory.fp8_layers(on_spec)
+    assert (layers, in_fp8) == (8, 6)  # first and last in bf16
+    m = MODEL
+    per_layer = (m.hidden_size * (m.hidden_size + 2 * m.num_query_groups * m.head_dim) + m.hidden_size ** 2
+                 + 3 * m.hidden_size * m.ffn_hidden_size) // 2
+    assert memory.fp8_weight_numel(on_spec) == in_fp8 * per_layer and memory.fp8_weight_numel(off_spec) == 0
+    assert memory.static_memory(off_spec).params - memory.static_memory(on_spec).params == in_fp8 * per_layer
+    assert memory.fp8_extra_bytes(off_spec) - memory.fp8_extra_bytes(on_spec) == in_fp8 * per_layer

@@ -8,6 +8,7 @@ stage), with untied embeddings, RoPE and the padded vocabulary.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from typing import Optional
 
 import torch
@@ -35,10 +36,43 @@ def _fp8_settings(precision: PrecisionConfig) -> dict:
         first_last_layers_bf16=fp8.first_last_layers_bf16,
         num_layers_at_start_in_bf16=fp8.num_layers_at_start_in_bf16,
         num_layers_at_end_in_bf16=fp8.num_layers_at_end_in_bf16,
+        # Weights in FP8 (TE's fp8_model_init around the FP8 layers; Megatron-LM's --fp8-param-gather
+        # sets config.fp8_param and ddp_config.fp8_param_gather; Megatron-Bridge's FP8 recipes set it)
+        fp8_param=fp8.param_gather,
     )
     if fp8.recipe == "delayed":  # amax history belongs to delayed scaling only
         settings.update(fp8_amax_history_len=fp8.amax_history_len, fp8_amax_compute_algo=fp8.amax_compute_algo)
     return settings
+
+
+def wgrad_fusion_available() -> bool:
+    """Megatron-Core's output layer (its own ColumnParallelLinear, whatever the spec) fuses the
+    weight-gradient accumulation only through apex's fused_weight_gradient_mlp_cuda; without it,
+    gradient_accumulation_fusion=True is a RuntimeError when the model is built
+    (tensor_parallel/layers.py), even where Transformer Engine fuses its own linears."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fusion_settings(backend: str, on_cpu: bool) -> dict:
+    """Megatron-Core's fused kernels: all off on the CPU, where they do not exist; on a GPU the
+    ones Megatron-Bridge's Llama providers turn on (llama_provider.py, gpt_provider.py), where this
+    machine can run them:
+    - bias_activation_fusion: the fused SwiGLU (bias_swiglu_impl), which keeps only FC1's output
+      for the backward (phi4.plan.memory counts one activation less);
+    - bias_dropout_fusion: the fused dropout-add (no bias here);
+    - cross_entropy_loss_fusion: Megatron-Core's native fused vocab-parallel cross entropy;
+    - apply_rope_fusion: TE's fused RoPE (te backend: it needs Transformer Engine);
+    - gradient_accumulation_fusion: where apex's extension exists (wgrad_fusion_available).
+    Left off: masked_softmax_fusion (the local spec's fused softmax is a Megatron extension build;
+    TE fuses its own attention) and persist_layer_norm (apex's LayerNorm; the norm here is RMSNorm)."""
+    if on_cpu:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                    apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+                    cross_entropy_loss_fusion=False)
+    return dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
+                apply_rope_fusion=backend == "te", persist_layer_norm=False,
+                gradient_accumulation_fusion=wgrad_fusion_available(), cross_entropy_loss_fusion=True,
+                cross_entropy_fusion_impl="native")
 
 
 def _recompute_settings(recompute: str) -> dict:
@@ -83,13 +117,8 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         bf16=precision.dtype == "bf16",
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
-        # Fusions are CUDA kernels; the local spec runs unfused on the CPU.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # Fused kernels where the GPU runs them (Megatron-Bridge's choices); none on the CPU.
+        **fusion_settings(model.backend, on_cpu),
         # Batched isend/irecv mixes up micro-batches of the interleaved schedule over gloo
         # (MEGATRON_CPU.md, item 11); NCCL handles it.
         batch_p2p_comm=not on_cpu,

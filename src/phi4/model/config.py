@@ -100,6 +100,7 @@ class FP8Config:
     first_last_layers_bf16: bool = True
     num_layers_at_start_in_bf16: int = 1
     num_layers_at_end_in_bf16: int = 1
+    param_gather: bool = True  # the FP8 layers' weights kept, and all-gathered, in FP8 (--fp8-param-gather)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "FP8Config":

@@ -12,7 +12,8 @@ Time model (per step, on the slowest pipeline rank):
 - pipeline: (micro-batches + (PP-1)/VP) x the per-micro-batch stage time (the interleaved 1F1B
   bubble), plus the activation sends of every micro-batch and virtual stage, forward and backward;
 - data parallel: the distributed optimizer's reduce-scatter of fp32 gradients and all-gather of
-  weights, hidden behind the backward/forward when overlapped except for one bucket.
+  weights (FP8 weights at one byte), hidden behind the backward/forward when overlapped except for
+  one bucket.
 Links: NVLink inside a node, InfiniBand across nodes, by Megatron-Core's rank order (TP, CP, DP,
 PP from fastest-varying): a group stays inside a node when its span fits in one.
 """
@@ -117,8 +118,9 @@ def _dp_comm(spec: PlanSpec, hw: HardwareConfig, compute_s: float) -> dict:
         return dict(bytes=0.0, seconds=0.0, exposed=0.0, link="-")
     e = memory.dtype_bytes(spec)
     local = max(memory.static_memory(spec, r).params_local for r in range(t.pp))
+    in_fp8 = max(memory.fp8_weight_numel(spec, r) for r in range(t.pp))  # all-gathered at one byte
     share = (group - 1) / group
-    grads, weights = share * local * 4, share * local * e
+    grads, weights = share * local * 4, share * (local * e - in_fp8 * (e - 1))
     link, bw = _link(hw, group * t.tp)
     bucket = min(1.0, max(40_000_000, 1_000_000 * group) / local)  # a bucket's share of the weights
     # Overlapped, the reduce-scatter runs behind the backward pass (2/3 of the compute) and the

@@ -136,7 +136,9 @@ class StaticMemory:
 
 
 def static_memory(spec: PlanSpec, pp_rank: int = 0, dp_rank: int = 0) -> StaticMemory:
-    """Exact bytes of one rank's weights, gradients and optimizer state (all chunks)."""
+    """Exact bytes of one rank's weights, gradients and optimizer state (all chunks). With FP8
+    weights (precision.fp8.param_gather) the FP8 layers' linear weights take one byte each (their
+    own buffer's padding aside)."""
     e = dtype_bytes(spec)
     dp_world = spec.dp * spec.topology.cp
     per_element_state = 8 if e == 4 else 12  # exp_avg + exp_avg_sq (+ fp32 master copy)
@@ -147,6 +149,7 @@ def static_memory(spec: PlanSpec, pp_rank: int = 0, dp_rank: int = 0) -> StaticM
         grads += layout.numel * 4
         optimizer += _shard_numel(layout, dp_rank, dp_world) * per_element_state
         local += sum(chunk_param_numels(spec, pp_rank, vp_stage))
+    params -= fp8_weight_numel(spec, pp_rank) * (e - 1)
     return StaticMemory(params, grads, optimizer, local)
 
 
@@ -164,32 +167,49 @@ def fp8_layers(spec: PlanSpec, pp_rank: int = 0) -> tuple[int, int]:
     return len(layers), sum(fp8.num_layers_at_start_in_bf16 <= n < end for n in layers)
 
 
+def _fp8_linear_weights(spec: PlanSpec) -> int:
+    """Elements of one layer's linear weights on one tensor-parallel rank."""
+    m = spec.model
+    h, kv, f = m.hidden_size, m.num_query_groups * m.head_dim, m.ffn_hidden_size
+    return (h * (h + 2 * kv) + h * h + 3 * h * f) // spec.topology.tp
+
+
+def fp8_weight_numel(spec: PlanSpec, pp_rank: int = 0) -> int:
+    """Weight elements this rank keeps in FP8 itself (precision.fp8.param_gather): the linear
+    weights of its FP8 layers; 0 without FP8 weights."""
+    fp8 = spec.precision.fp8
+    if fp8 is None or not fp8.param_gather:
+        return 0
+    return fp8_layers(spec, pp_rank)[1] * _fp8_linear_weights(spec)
+
+
 def fp8_extra_bytes(spec: PlanSpec, pp_rank: int = 0) -> int:
-    """Transformer Engine's FP8 copies of the linear weights (the weight and its transpose, one
-    byte each) and the scaling state (amax history of the delayed recipe: inputs, weights and
-    gradients of each linear, fp32)."""
+    """Transformer Engine's FP8 copies of the linear weights beside the weights themselves (the
+    weight and its transpose, one byte each; only the transpose where the weights are FP8
+    already, precision.fp8.param_gather) and the scaling state (amax history of the delayed
+    recipe: inputs, weights and gradients of each linear, fp32)."""
     fp8 = spec.precision.fp8
     if fp8 is None:
         return 0
-    m, t = spec.model, spec.topology
-    h, kv, f = m.hidden_size, m.num_query_groups * m.head_dim, m.ffn_hidden_size
     _, layers = fp8_layers(spec, pp_rank)
-    linear_weights = (h * (h + 2 * kv) + h * h + 3 * h * f) // t.tp
+    copies = 1 if fp8.param_gather else 2
     history = fp8.amax_history_len if fp8.recipe == "delayed" else 1
-    return layers * (2 * linear_weights + 4 * 3 * 4 * history)
+    return layers * (copies * _fp8_linear_weights(spec) + 4 * 3 * 4 * history)
 
 
 # ---------------------------------------------------------------------------------------------
 # Activations (estimate)
 
 
-def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None) -> float:
+def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None, fused: bool = False) -> float:
     """Bytes one decoder layer keeps for its backward pass, per micro-batch, on one rank.
 
     Counted from the tensors saved by Megatron-Core's layers (measured on the CPU for `local`;
     Transformer Engine's for `te`). Symbols: T tokens of the micro-batch on this rank (the
     sequence split over CP), e the activation dtype's bytes, d = TP under sequence parallelism
-    (else 1) for the tensors outside the tensor-parallel region.
+    (else 1) for the tensors outside the tensor-parallel region. `fused`: Megatron-Core's fused
+    SwiGLU (on GPUs: phi4.model.build.fusion_settings), which keeps FC1's output only and
+    recomputes silu(gate) in the backward.
     """
     m, t = spec.model, spec.topology
     recompute = recompute or t.recompute
@@ -228,8 +248,9 @@ def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None) -> f
         # fused attention: q, k, v (not repeated), the output, softmax statistics (fp32).
         attention = T * e * (h + 2 * kv) / tp + b * heads * s * 4
         proj_in = T * e * h / tp + (T * h / tp if fp8 else 0)
-    # MLP (Megatron-Core's unfused SwiGLU): FC1's output (gate and up), silu(gate), the product.
-    mlp = T * e * 4 * f / tp + T * (1 if (m.backend == "te" and spec.precision.fp8) else e) * f / tp
+    # MLP (Megatron-Core's unfused SwiGLU): FC1's output (gate and up), silu(gate), the product;
+    # the fused SwiGLU keeps no silu(gate).
+    mlp = T * e * (3 if fused else 4) * f / tp + T * (1 if (m.backend == "te" and spec.precision.fp8) else e) * f / tp
     return 2 * norm + qkv_in + rope + attention + proj_in + fc1_in + mlp
 
 
@@ -255,7 +276,7 @@ class ActivationMemory:
 
 def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> ActivationMemory:
     """`gloo`: collectives over gloo (the CPU), whose gradient reduce-scatter works on a copy of
-    each bucket; NCCL's works in place."""
+    each bucket; NCCL's works in place. Off the CPU the fused kernels are on (the fused SwiGLU)."""
     m, t = spec.model, spec.topology
     e = dtype_bytes(spec)
     tp = t.tp
@@ -267,7 +288,8 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
     layers_per_chunk = m.num_layers // (t.pp * chunks)
     flight = in_flight(spec, pp_rank)
 
-    per_chunk = layers_per_chunk * layer_activation_bytes(spec)
+    fused = not gloo
+    per_chunk = layers_per_chunk * layer_activation_bytes(spec, fused=fused)
     if pp_rank > 0 or chunks > 1:
         per_chunk += T * h * e / d  # the received input of a non-first stage, kept for backward
     stored = flight * per_chunk
@@ -285,7 +307,7 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
         attention_backward = probs * (2 if t.recompute == "selective" else 1)
     layer = max(mlp_backward, attention_backward)
     if t.recompute == "full":  # plus the recomputed layer's own activations
-        layer += layer_activation_bytes(spec, recompute="none")
+        layer += layer_activation_bytes(spec, recompute="none", fused=fused)
     peak = stored + layer
     if pp_rank == 0:
         # the embedding's dense weight gradient, after the rest of its micro-batch was freed;

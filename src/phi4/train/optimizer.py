@@ -18,6 +18,7 @@ def wrap_ddp(chunks: list, config, overlap_grad_reduce: bool = False, overlap_pa
         overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=True,
+        fp8_param_gather=bool(getattr(config, "fp8_param", False)),  # FP8 weights all-gathered as FP8
     )
     return [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
