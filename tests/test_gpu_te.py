@@ -157,3 +157,46 @@ def test_dpo_and_full_logits_run_on_cuda_and_under_fp8():
     result = run_ranks(dpo_and_scoring_on_cuda, 1, timeout=600)[0]
     assert result["devices"] == {"cuda"} and result["pairs"] == 2.0
     assert result["logits"][:2] == (1, 7) and result["fp8_back"]
+
+
+def train_te_tp2(overlap: bool) -> list:
+    """Tiny te model at TP=2 with sequence parallelism, bf16, with or without TE's TP communication
+    overlap (userbuffers for the training micro-batch's shape)."""
+    import os
+
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    from helpers import optim_settings
+    from phi4.model.build import build_phi4_model, transformer_config
+    from phi4.model.config import PrecisionConfig
+    from phi4.model.parallel import init_model_parallel
+    from phi4.model.schedule import data_parallel_slice, micro_batches_from_tokens
+    from phi4.model.tp_overlap import destroy_userbuffers, initialize_userbuffers
+    from phi4.train.lm import lm_train_step
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
+
+    model = dataclasses.replace(tiny_model(), backend="te")
+    precision = PrecisionConfig(dtype="bf16")
+    topology = TopologyConfig(tp=2, sp=True, tp_comm_overlap=overlap)
+    init_model_parallel(model, topology, precision, seed=1)
+    config = transformer_config(model, topology, precision)
+    assert config.tp_comm_overlap == overlap
+    if overlap:
+        initialize_userbuffers(64 * 2, model.hidden_size, 2, False)
+    ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config)
+    optimizer = build_optimizer(ddp, config, optim_settings(lr=3e-3, weight_decay=0.0))
+    batches = micro_batches_from_tokens(data_parallel_slice(token_rows(model, 8, 64)), 2)
+    losses = [lm_train_step(ddp, optimizer, batches)["loss"] for _ in range(8)]
+    if overlap:
+        destroy_userbuffers()
+    return losses
+
+
+def test_tp_comm_overlap_trains_as_without_it():
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("TP=2 needs two GPUs")
+    plain = run_ranks(train_te_tp2, 2, False, timeout=600)[0]
+    overlapped = run_ranks(train_te_tp2, 2, True, timeout=600)[0]
+    assert overlapped[-1] < overlapped[0] - 0.3
+    assert max(abs(a - b) / a for a, b in zip(plain, overlapped)) < 0.02, (plain, overlapped)

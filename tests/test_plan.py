@@ -286,3 +286,15 @@ def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
     hw = HardwareConfig.from_dict(load_group("hardware", ROOT / "conf/hardware/h100_80gb.yaml"))
     bf16, all_fp8, mixed = (estimate(spec(p), hw)["compute_s"] for p in (None, every, keep))
     assert all_fp8 < mixed < bf16
+
+
+def test_tp_traffic_hides_under_the_gemms_with_tes_overlap(capsys):
+    """phi4-plan on the cluster: with topology.tp_comm_overlap (on by default there) the TP traffic
+    is exposed only where it outlasts the linear GEMMs (here it does not); off, all of it is, and
+    the step is longer by exactly that."""
+    on = _plan_json(capsys, "topology=h100_1920")
+    off = _plan_json(capsys, "topology=h100_1920", "topology.tp_comm_overlap=false")
+    assert on["comm"]["tp"]["overlapped"] and not off["comm"]["tp"]["overlapped"]
+    assert on["comm"]["tp"]["seconds"] == off["comm"]["tp"]["seconds"] == off["comm"]["tp"]["exposed_s"] > 0
+    assert on["comm"]["tp"]["exposed_s"] == 0.0
+    assert off["estimated_step_time_s"] == pytest.approx(on["estimated_step_time_s"] + off["comm"]["tp"]["seconds"])

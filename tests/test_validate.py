@@ -73,3 +73,30 @@ def test_wrong_topology_fails_before_any_process_group():
     with pytest.raises(ConfigError, match=r"topology.tp=4 does not divide the model evenly .*valid topology.tp: 1, 2"):
         init_model_parallel(model, TopologyConfig(tp=4), FP32, launch=LaunchEnv(0, 4, 0, "127.0.0.1", 1, "torchrun"))
     assert not torch.distributed.is_initialized()
+
+
+def test_tp_comm_overlap_is_on_where_it_can_run_and_refused_by_name_where_asked_for_and_not():
+    from phi4.model.tp_overlap import tp_comm_overlap_on, without_tp_comm_overlap
+
+    te = dataclasses.replace(PHI4, backend="te")
+    cluster = TopologyConfig(tp=2, sp=True)
+    assert tp_comm_overlap_on(cluster, "te", on_cuda=True)
+    assert not tp_comm_overlap_on(cluster, "te", on_cuda=False)  # the CPU: off, not refused
+    assert not tp_comm_overlap_on(cluster, "local", on_cuda=True)
+    assert not tp_comm_overlap_on(TopologyConfig(tp=2), "te", on_cuda=True)  # needs SP
+    assert not tp_comm_overlap_on(dataclasses.replace(cluster, tp_comm_overlap=False), "te", on_cuda=True)
+    asked = dataclasses.replace(cluster, tp_comm_overlap=True)
+    with pytest.raises(ConfigError, match=r"topology.tp_comm_overlap=true needs a GPU .*valid here: "):
+        tp_comm_overlap_on(asked, "te", on_cuda=False)
+    check_run(te, asked, BF16)
+    with pytest.raises(ConfigError, match=r"tp_comm_overlap=true needs topology.tp > 1, topology.sp=true and "
+                                          r"model.backend=te \(got tp=1, sp=false, backend=te\)"):
+        check_run(te, TopologyConfig(tp_comm_overlap=True), BF16)
+    # decoding's forwards run with the modules' userbuffer flags off, restored after (also on error)
+    layer = torch.nn.Linear(2, 2)
+    layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad, layer.ub_overlap_rs_dgrad = True, True, False
+    with pytest.raises(RuntimeError, match="inside"):
+        with without_tp_comm_overlap([torch.nn.Sequential(layer)]):
+            assert (layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad) == (False, False)
+            raise RuntimeError("inside")
+    assert (layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad, layer.ub_overlap_rs_dgrad) == (True, True, False)

@@ -81,7 +81,9 @@ def format_plan(plan: dict) -> str:
     for name, label in (("tp", "tensor parallel"), ("cp", "context parallel"), ("pp", "pipeline sends"), ("dp", "data parallel")):
         c = comm[name]
         if c["gb_per_step"]:
-            lines.append(f"  {label:18s} {c['gb_per_step']:8.2f} GB over {c['link']:6s} {c['seconds']:.3f} s, exposed {c['exposed_s']:.3f} s")
+            overlap = " (under the GEMMs: TE's TP overlap)" if c.get("overlapped") else ""
+            lines.append(f"  {label:18s} {c['gb_per_step']:8.2f} GB over {c['link']:6s} {c['seconds']:.3f} s, "
+                         f"exposed {c['exposed_s']:.3f} s{overlap}")
     lines += [
         f"  step time          {plan['estimated_step_time_s']:.3f} s estimated -> MFU {plan['estimated_mfu']:.1%} "
         f"(of the bf16 dense peak)",

@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from phi4.eval.sampling import top_p_filter
 from phi4.model.build import unwrap, without_fp8
 from phi4.model.schedule import run_schedule
+from phi4.model.tp_overlap import without_tp_comm_overlap
 
 
 def _full_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ class Decoder:
         model emitted one. Decoding runs in bf16 even when the model trains in FP8: Transformer
         Engine's FP8 GEMMs need token counts in multiples of 16, and a cached decoding step has
         one token per prompt."""
-        with without_fp8(self.net.config):
+        with without_fp8(self.net.config), without_tp_comm_overlap(self.chunks):
             return self._generate(prompts, max_new_tokens, temperature, top_p, generator)
 
     @torch.no_grad()

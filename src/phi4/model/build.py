@@ -20,6 +20,7 @@ from megatron.core.transformer import TransformerConfig
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.spec import phi4_block_spec
+from phi4.model.tp_overlap import tp_comm_overlap_on
 from phi4.runtime import device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -124,6 +125,8 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         batch_p2p_comm=not on_cpu,
         # Free each pipeline stage's output once sent (Megatron-LM's default).
         deallocate_pipeline_outputs=True,
+        # TE's userbuffer overlap of the sequence-parallel all-gather/reduce-scatter with the GEMMs
+        tp_comm_overlap=tp_comm_overlap_on(topology, model.backend, on_cuda=not on_cpu),
         **_recompute_settings(topology.recompute),
         **_fp8_settings(precision),
     )

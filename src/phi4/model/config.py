@@ -71,6 +71,8 @@ class TopologyConfig:
     # Activation recomputation: none; selective (core attention recomputed in the backward
     # pass); full (every layer keeps only its input and recomputes the rest).
     recompute: str = "none"
+    # TE's TP communication overlap (phi4.model.tp_overlap): null = where it can run, true, false.
+    tp_comm_overlap: Optional[bool] = None
 
     @property
     def world_size(self) -> Optional[int]:

@@ -7,16 +7,21 @@ from __future__ import annotations
 from typing import Optional
 
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.tp_overlap import tp_comm_overlap_on
 from phi4.model.validate import check_device, check_run
 from phi4.runtime import device
 from phi4.runtime.distributed import init_distributed
 from phi4.runtime.launch_env import LaunchEnv, read_launch_env
 
 
-def check_on_device(precision: PrecisionConfig, on: device.Device) -> None:
-    """FP8 recipes this GPU cannot run, refused before anything is built (nothing to check on the CPU)."""
+def check_on_device(precision: PrecisionConfig, on: device.Device, model: Optional[ModelConfig] = None,
+                    topology: Optional[TopologyConfig] = None) -> None:
+    """What this device cannot run, refused before anything is built: FP8 recipes the GPU lacks,
+    and topology.tp_comm_overlap=true off a GPU."""
     if on.is_cuda:
         check_device(precision, on.capability, on.name)
+    if model is not None and topology is not None:
+        tp_comm_overlap_on(topology, model.backend, on.is_cuda)
 
 
 def init_model_parallel(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig, seed: int = 1234,
@@ -24,5 +29,5 @@ def init_model_parallel(model: ModelConfig, topology: TopologyConfig, precision:
     """Check the layout, choose the device, start the process group and the parallel groups, seed."""
     launch = launch or read_launch_env()
     check_run(model, topology, precision, launch.world_size)
-    check_on_device(precision, device.select(launch.local_rank))
+    check_on_device(precision, device.select(launch.local_rank), model, topology)
     return init_distributed(topology, seed=seed, launch=launch, timeout_s=timeout_s)

@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from phi4.model.build import unwrap, without_fp8
 from phi4.model.context_parallel import on_this_cp_rank
+from phi4.model.tp_overlap import without_tp_comm_overlap
 from phi4.runtime import device
 
 
@@ -68,7 +69,7 @@ def logits_of_tokens(chunks: list, tokens: torch.Tensor) -> Optional[torch.Tenso
     """`forward_logits` of one [batch, seq] batch of token ids at positions 0..seq-1, in the
     model's dtype with FP8 off (any token count: scoring, verification, PTS)."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
-    with without_fp8(unwrap(chunks[0]).config):
+    with without_fp8(unwrap(chunks[0]).config), without_tp_comm_overlap(chunks):
         return forward_logits(chunks, [dict(tokens=tokens, position_ids=positions)])
 
 

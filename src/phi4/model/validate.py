@@ -89,6 +89,12 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
         )
     if topology.recompute not in RECOMPUTE:
         raise ConfigError(f"topology.recompute={topology.recompute!r}; valid: {_listing(RECOMPUTE)}")
+    if topology.tp_comm_overlap and (topology.tp < 2 or not topology.sp or model.backend != "te"):
+        raise ConfigError(
+            f"topology.tp_comm_overlap=true needs topology.tp > 1, topology.sp=true and model.backend=te (got "
+            f"tp={topology.tp}, sp={str(topology.sp).lower()}, backend={model.backend}); valid: "
+            "topology.tp_comm_overlap=null (on where it can run) or false"
+        )
     if topology.sp and topology.tp < 2:
         raise ConfigError(
             f"topology.sp=true needs topology.tp > 1 (got topology.tp={topology.tp}); "

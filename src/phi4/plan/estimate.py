@@ -6,7 +6,9 @@ Time model (per step, on the slowest pipeline rank):
 - tensor parallel: per layer and micro-batch, 8 units of (TP-1)/TP x tokens x hidden bytes (two
   all-reduces forward and two backward, or their all-gather/reduce-scatter halves under sequence
   parallelism, whose extra backward all-gather overlaps the gradient GEMM); 4 more for a fully
-  recomputed forward. Not overlapped (phi4-train does not enable TE's communication overlap);
+  recomputed forward. With TE's TP communication overlap (topology.tp_comm_overlap, on by default
+  with TP > 1, SP and te on GPUs) it runs under the layers' linear GEMMs and only what outlasts them
+  is exposed; without it, all of it;
 - context parallel: the ring passes each layer's K and V (CP-1 times forward, twice that backward),
   hidden behind the layer's attention compute where that is longer;
 - pipeline: (micro-batches + (PP-1)/VP) x the per-micro-batch stage time (the interleaved 1F1B
@@ -23,6 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 from phi4.model.flops import flops_per_token, forward_flops_per_token
+from phi4.model.tp_overlap import tp_comm_overlap_on
 from phi4.plan import memory
 from phi4.plan.spec import PlanSpec
 from phi4.runtime.hardware import HardwareConfig
@@ -61,24 +64,29 @@ def _rank_compute(spec: PlanSpec, hw: HardwareConfig, pp_rank: int) -> dict:
     layers, in_fp8 = memory.fp8_layers(spec, pp_rank)  # the linears of FP8 layers run at the FP8 rate
     fp8_linear = linear_flops * in_fp8 / layers if layers else 0.0
     eff = gemm_efficiency(spec, hw)
-    seconds = (fp8_linear / (hw.peak_tflops_fp8 * 1e12 * eff)
-               + (linear_flops - fp8_linear + other_flops) / (hw.peak_tflops_bf16 * 1e12 * eff))
+    linear_seconds = fp8_linear / (hw.peak_tflops_fp8 * 1e12 * eff) + (linear_flops - fp8_linear) / (
+        hw.peak_tflops_bf16 * 1e12 * eff)
+    seconds = linear_seconds + other_flops / (hw.peak_tflops_bf16 * 1e12 * eff)
     attention_seconds = (3 * attention + extra_attention) / split / (hw.peak_tflops_bf16 * 1e12 * eff)
-    return dict(flops=linear_flops + other_flops, seconds=seconds, attention_seconds=attention_seconds)
+    return dict(flops=linear_flops + other_flops, seconds=seconds, attention_seconds=attention_seconds,
+                linear_seconds=linear_seconds)
 
 
-def _tp_comm(spec: PlanSpec, hw: HardwareConfig) -> dict:
-    """Per micro-batch on one device."""
+def _tp_comm(spec: PlanSpec, hw: HardwareConfig, linear_seconds: float) -> dict:
+    """Per micro-batch on one device; with TE's overlap, hidden under the linear GEMMs."""
     t = spec.topology
     if t.tp == 1:
-        return dict(bytes=0.0, seconds=0.0, link="-")
+        return dict(bytes=0.0, seconds=0.0, exposed=0.0, link="-", overlapped=False)
     e = memory.dtype_bytes(spec)
     tokens = spec.micro_batch_size * spec.seq_length // t.cp
     layers = spec.model.num_layers // t.pp
     units = _TP_UNITS + (_TP_UNITS_RECOMPUTE if t.recompute == "full" else 0)
     volume = layers * units * (t.tp - 1) / t.tp * tokens * spec.model.hidden_size * e
     link, bw = _link(hw, t.tp)
-    return dict(bytes=volume, seconds=volume / bw, link=link)
+    seconds = volume / bw
+    overlapped = tp_comm_overlap_on(t, spec.model.backend, on_cuda=hw.collectives != "gloo")
+    exposed = max(0.0, seconds - linear_seconds) if overlapped else seconds
+    return dict(bytes=volume, seconds=seconds, exposed=exposed, link=link, overlapped=overlapped)
 
 
 def _cp_comm(spec: PlanSpec, hw: HardwareConfig, attention_seconds: float) -> dict:
@@ -145,12 +153,12 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
 
     # Time.
     computes = [_rank_compute(spec, hw, r) for r in range(t.pp)]
-    tp = _tp_comm(spec, hw)
     stage = []
     for r, c in enumerate(computes):
         cp = _cp_comm(spec, hw, c["attention_seconds"])
-        stage.append(c["seconds"] + tp["seconds"] + cp["exposed"])
+        stage.append(c["seconds"] + _tp_comm(spec, hw, c["linear_seconds"])["exposed"] + cp["exposed"])
     slowest = max(range(t.pp), key=lambda r: stage[r])
+    tp = _tp_comm(spec, hw, computes[slowest]["linear_seconds"])
     cp = _cp_comm(spec, hw, computes[slowest]["attention_seconds"])
     pp = _pp_comm(spec, hw)
     dp = _dp_comm(spec, hw, computes[slowest]["seconds"] * m)
@@ -182,7 +190,8 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
                    gflop_per_token=flops_per_token(spec.model, spec.seq_length) / 1e9,
                    hardware_tflop_per_step=sum(c["flops"] for c in computes) * m * t.tp * t.cp * spec.dp / 1e12),
         comm=dict(
-            tp=dict(gb_per_step=tp["bytes"] * m / gb, seconds=tp["seconds"] * m, exposed_s=tp["seconds"] * m, link=tp["link"]),
+            tp=dict(gb_per_step=tp["bytes"] * m / gb, seconds=tp["seconds"] * m, exposed_s=tp["exposed"] * m,
+                    link=tp["link"], overlapped=tp["overlapped"]),
             cp=dict(gb_per_step=cp["bytes"] * m / gb, seconds=cp["seconds"] * m, exposed_s=cp["exposed"] * m, link=cp["link"]),
             pp=dict(gb_per_step=pp["bytes"] / gb, seconds=pp["seconds"], exposed_s=pp["seconds"], link=pp["link"]),
             dp=dict(gb_per_step=dp["bytes"] / gb, seconds=dp["seconds"], exposed_s=dp["exposed"], link=dp["link"]),

@@ -125,6 +125,7 @@ class DirectPreference(Objective):
     policy steps on the DPO loss."""
 
     formats = ("preference",)
+    rows_per_sample = 2  # a pair: its chosen and its rejected row
 
     def check(self, trainer) -> None:
         if self.cfg.get("dpo") is None:

@@ -35,6 +35,7 @@ class Objective:
     name = ""
     formats: tuple[str, ...] = ()  # data.format values it reads
     gate = None  # set by the Trainer: asked with the loss before each update, may veto it (phi4.train.spikes)
+    rows_per_sample = 1  # rows a sample becomes in a micro-batch (DPO: chosen and rejected)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg

@@ -42,6 +42,7 @@ from phi4.model.build import build_phi4_model, model_summary, transformer_config
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.flops import flops_per_token
 from phi4.model.parallel import check_on_device
+from phi4.model.tp_overlap import destroy_userbuffers, initialize_userbuffers
 from phi4.model.validate import check_run, check_sequence_length, thd_sequence_multiple
 from phi4.runtime import device
 from phi4.runtime.distributed import init_distributed, placement, shutdown
@@ -162,7 +163,7 @@ class Trainer:
         self.watchdog = self._start_watchdog()
         self.faults = Faults(self.fault, self.launch.rank, self.model.vocab_size)
         self.device = device.select(self.launch.local_rank)
-        check_on_device(self.precision, self.device)
+        check_on_device(self.precision, self.device, self.model, self.topology)
         # the process group's own timeout (NCCL's watchdog) is the backstop behind ours: 2 minutes
         # past the longest allowance (seconds already), so that ours writes the stacks first
         init_distributed(self.topology, seed=cfg.seed, launch=self.launch,
@@ -177,6 +178,11 @@ class Trainer:
                                   f"sp={str(self.topology.sp).lower()})")
 
         self.config = transformer_config(self.model, self.topology, self.precision)
+        if self.config.tp_comm_overlap:  # before the model: TE's linears bind to the userbuffers
+            rows = t.micro_batch_size * self.objective.rows_per_sample
+            initialize_userbuffers(t.seq_length * rows // self.topology.cp, self.model.hidden_size, self.topology.tp,
+                                   self.precision.fp8 is not None)
+            self._closing.callback(destroy_userbuffers)
         self.chunks = build_phi4_model(self.model, self.topology, self.precision, config=self.config)
         self.ddp = wrap_ddp(self.chunks, self.config, t.overlap_grad_reduce, t.overlap_param_gather)
         self.optimizer = build_optimizer(self.ddp, self.config, self.optim)
@@ -202,6 +208,8 @@ class Trainer:
         self.log_info(model_summary(self.model, self.topology, self.chunks,
                                 f"dp={self.dp} | {self.steps} steps | run dir {self.run_dir.resolve()}"))
         self.log_info(f"placement: {where}")
+        if self.config.tp_comm_overlap:
+            self.log_info("TP communication overlap: on (TE userbuffers; topology.tp_comm_overlap=false turns it off)")
 
         train_ds, self.valid_dataset = build_train_valid(self.data, self.data_format, sources, t.seq_length,
                                                          self.steps * t.global_batch_size, max(t.eval_samples, 1),

@@ -1,0 +1,65 @@
+"""Transformer Engine's tensor-parallel communication overlap (userbuffers): with sequence
+parallelism, each layer's all-gather (before QKV and FC1) and reduce-scatter (after the attention
+projection and FC2) run in chunks under the GEMMs they feed, instead of before and after them.
+What Megatron-Bridge's TP > 1 H100 recipes use (CommOverlapConfig.tp_comm_overlap).
+
+`topology.tp_comm_overlap`: null (the default) turns it on where it can run: TP > 1 with sequence
+parallelism on the te backend, on GPUs; true asks for it (refused by name where it cannot run);
+false turns it off. The userbuffers are allocated once for the training micro-batch's shape
+([sequence / CP x rows, hidden]), as Megatron-LM's _initialize_tp_communicators does
+(megatron/training/initialize.py: te_module.base.initialize_ub with the bootstrap backend
+nccl); forwards of other shapes (decoding in the evaluation) run with the overlap off
+(`without_tp_comm_overlap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from phi4.errors import ConfigError
+from phi4.model.config import TopologyConfig
+
+
+def tp_comm_overlap_on(topology: TopologyConfig, backend: str, on_cuda: bool) -> bool:
+    """Whether this run overlaps its TP communication (see the module docstring)."""
+    possible = topology.tp > 1 and topology.sp and backend == "te" and on_cuda
+    if topology.tp_comm_overlap and not possible:
+        missing = [why for ok, why in ((topology.tp > 1, "topology.tp > 1"), (topology.sp, "topology.sp=true"),
+                                       (backend == "te", "model.backend=te"), (on_cuda, "a GPU")) if not ok]
+        raise ConfigError(f"topology.tp_comm_overlap=true needs {', '.join(missing)} (Transformer Engine's userbuffers "
+                          "overlap the sequence-parallel all-gather and reduce-scatter with the GEMMs); "
+                          "valid here: topology.tp_comm_overlap=false or null")
+    return possible if topology.tp_comm_overlap is None else bool(topology.tp_comm_overlap)
+
+
+def initialize_userbuffers(tokens: int, hidden_size: int, tp: int, fp8: bool) -> None:
+    """TE's userbuffers for a [tokens, hidden] activation (collective over the TP groups)."""
+    from transformer_engine.pytorch import module as te_module
+
+    te_module.base.initialize_ub(shape=[tokens, hidden_size], tp_size=tp, use_fp8=fp8, ub_cfgs={},
+                                 bootstrap_backend="nccl")
+
+
+def destroy_userbuffers() -> None:
+    from transformer_engine.pytorch import module as te_module
+
+    te_module.base.destroy_ub()
+
+
+@contextlib.contextmanager
+def without_tp_comm_overlap(chunks: list):
+    """The TE modules' userbuffer overlaps off for the forwards inside (their shapes differ from the
+    buffers'), restored after: TE reads its `ub_overlap_*`/`ub_bulk_*` flags at each forward."""
+    saved = []
+    for chunk in chunks:
+        for module in chunk.modules():
+            for name, value in vars(module).items():
+                if name.startswith(("ub_overlap", "ub_bulk")) and value is True:
+                    saved.append((module, name))
+    for module, name in saved:
+        setattr(module, name, False)
+    try:
+        yield
+    finally:
+        for module, name in saved:
+            setattr(module, name, True)
