@@ -1,0 +1,122 @@
+"""phi4-plan against NVIDIA's published H100 measurements of dense Llama-family models (the same
+architecture as Phi-4: RMSNorm, SwiGLU, GQA, RoPE, untied embeddings), each in its exact layout.
+
+    .venv/bin/python bench/plan_vs_published.py [--json]
+
+Every row is planned by phi4-plan's own code (phi4.plan.estimate on hardware=h100_80gb) with the
+row's model shape, layout and batch, FP8 as those runs used it (Transformer Engine, hybrid format,
+delayed scaling with a 1024-step amax history, no layers kept in bf16: NeMo 24.07's Llama
+pre-training recipes), the distributed optimizer with both overlaps and TE's TP communication
+overlap where TP > 1. It prints the predicted and measured tokens/s and model TFLOP/s per GPU, their
+ratio, and the predicted memory per GPU and whether the layout fits 80 GB as it did. Takes a second;
+no GPU.
+
+Source of the measurements: NVIDIA NeMo 24.07 performance summary, pre-training, DGX-H100, FP8
+(tokens/s per GPU and model TFLOP/s per GPU), as given by the issue "phi4-plan checked against
+published H100 measurements".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from phi4.errors import ConfigError  # noqa: E402
+from phi4.model.config import FP8Config, ModelConfig, PrecisionConfig, TopologyConfig  # noqa: E402
+from phi4.model.flops import flops_per_token  # noqa: E402
+from phi4.plan.estimate import estimate  # noqa: E402
+from phi4.plan.search import check_layout  # noqa: E402
+from phi4.plan.spec import PlanSpec  # noqa: E402
+from phi4.runtime.hardware import HardwareConfig  # noqa: E402
+from phi4.settings import load_group  # noqa: E402
+
+# name: (layers, hidden, ffn, heads, kv heads, vocabulary)
+SHAPES = {
+    "Llama2-7B": (32, 4096, 11008, 32, 32, 32000),
+    "Llama2-13B": (40, 5120, 13824, 40, 40, 32000),
+    "Llama2-70B": (80, 8192, 28672, 64, 8, 32000),
+    "Llama3-8B": (32, 4096, 14336, 32, 8, 128256),
+    "Llama3-70B": (80, 8192, 28672, 64, 8, 128256),
+}
+# model, GPUs, GBS, MBS, sequence, TP, PP, CP, VP, measured tokens/s/GPU, measured TFLOP/s/GPU
+PUBLISHED = [
+    ("Llama2-7B", 8, 128, 1, 4096, 1, 1, 1, 1, 16934, 780),
+    ("Llama2-13B", 16, 128, 1, 4096, 1, 4, 1, 10, 8715, 760),
+    ("Llama2-70B", 64, 128, 1, 4096, 4, 4, 1, 20, 1728, 768),
+    ("Llama3-8B", 8, 128, 1, 8192, 1, 1, 2, 1, 12273, 711),
+    ("Llama3-70B", 64, 128, 1, 8192, 4, 4, 2, 5, 1524, 734),
+]
+FP8 = FP8Config(format="hybrid", recipe="delayed", amax_history_len=1024, amax_compute_algo="max",
+                first_last_layers_bf16=False, param_gather=True)
+
+
+def spec_of(row) -> PlanSpec:
+    name, gpus, gbs, mbs, seq, tp, pp, cp, vp = row[:9]
+    layers, hidden, ffn, heads, kv, vocab = SHAPES[name]
+    model = ModelConfig(hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=heads,
+                        num_query_groups=kv, vocab_size=vocab, max_position_embeddings=seq, backend="te", name=name)
+    topology = TopologyConfig(tp=tp, pp=pp, cp=cp, vp=vp if vp > 1 else None, sp=tp > 1)
+    return PlanSpec(model, topology, PrecisionConfig(dtype="bf16", fp8=FP8), gpus, seq, mbs, gbs,
+                    overlap_grad_reduce=True, overlap_param_gather=True)
+
+
+def compare(hw: HardwareConfig) -> list[dict]:
+    out = []
+    for row in PUBLISHED:
+        spec = spec_of(row)
+        tokens, tflops = row[9], row[10]
+        try:
+            check_layout(spec)
+        except ConfigError as err:
+            out.append(dict(model=row[0], refused=str(err)))
+            continue
+        plan = estimate(spec, hw)
+        out.append(dict(
+            model=row[0], layout=dict(gpus=row[1], gbs=row[2], mbs=row[3], seq=row[4], tp=row[5], pp=row[6], cp=row[7],
+                                      vp=row[8]),
+            measured_tokens_per_s=tokens, planned_tokens_per_s=plan["tokens_per_s_per_gpu"],
+            tokens_ratio=plan["tokens_per_s_per_gpu"] / tokens,
+            measured_tflops=tflops, planned_tflops=plan["model_tflops_per_gpu"],
+            # phi4's FLOP count of the measured rate: how far NVIDIA's count and phi4's differ
+            measured_tflops_by_phi4_count=tokens * flops_per_token(spec.model, spec.seq_length) / 1e12,
+            memory_gb=plan["memory_gb_per_gpu"], capacity_gb=plan["memory"]["capacity_gb"],
+            fits=plan["memory"]["fits"], step_s=plan["estimated_step_time_s"],
+        ))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="one JSON line per row")
+    parser.add_argument("--hardware", default="h100_80gb", help="conf/hardware/<name>.yaml (default h100_80gb)")
+    args = parser.parse_args(argv)
+    hw = HardwareConfig.from_dict(load_group("hardware", ROOT / "conf" / "hardware" / f"{args.hardware}.yaml"))
+    rows = compare(hw)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(f"{'model':11s} {'GPUs':>4s} {'TP':>2s} {'PP':>2s} {'CP':>2s} {'VP':>2s} | {'tokens/s/GPU':>12s} "
+          f"{'planned':>8s} {'ratio':>6s} | {'TFLOP/s':>7s} {'planned':>7s} (phi4 count) | {'memory':>8s}")
+    for r in rows:
+        if "refused" in r:
+            print(f"{r['model']:11s} refused: {r['refused']}")
+            continue
+        lay = r["layout"]
+        print(f"{r['model']:11s} {lay['gpus']:4d} {lay['tp']:2d} {lay['pp']:2d} {lay['cp']:2d} {lay['vp']:2d} | "
+              f"{r['measured_tokens_per_s']:12,d} {r['planned_tokens_per_s']:8,.0f} {r['tokens_ratio']:6.2f} | "
+              f"{r['measured_tflops']:7d} {r['planned_tflops']:7.0f} ({r['measured_tflops_by_phi4_count']:4.0f}) | "
+              f"{r['memory_gb']:5.1f} GB {'fits' if r['fits'] else 'DOES NOT FIT'} ({r['capacity_gb']:.1f} usable)")
+    within = sum(1 for r in rows if "refused" not in r and abs(r["tokens_ratio"] - 1) <= 0.10)
+    print(f"within 10% of the measured tokens/s: {within} of {len(rows)}; fit: "
+          f"{sum(1 for r in rows if r.get('fits'))} of {len(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
