@@ -32,12 +32,16 @@ def tp_comm_overlap_on(topology: TopologyConfig, backend: str, on_cuda: bool) ->
     return possible if topology.tp_comm_overlap is None else bool(topology.tp_comm_overlap)
 
 
-def initialize_userbuffers(tokens: int, hidden_size: int, tp: int, fp8: bool) -> None:
-    """TE's userbuffers for a [tokens, hidden] activation (collective over the TP groups)."""
+def initialize_userbuffers(tokens: int, hidden_size: int, tp: int, fp8: bool, bf16_layers: bool = False) -> None:
+    """TE's userbuffers for a [tokens, hidden] activation (collective over the TP groups): FP8
+    buffers in an FP8 run, plus high-precision ones where layers stay in bf16 (first/last layers),
+    as Megatron-LM's initialize_tp_communicators asks TE >= 2.7 for them (quantization_modes)."""
     from transformer_engine.pytorch import module as te_module
 
-    te_module.base.initialize_ub(shape=[tokens, hidden_size], tp_size=tp, use_fp8=fp8, ub_cfgs={},
-                                 bootstrap_backend="nccl")
+    modes = te_module.base.UserBufferQuantizationMode
+    quantization_modes = [modes.FP8 if fp8 else modes.NONE] + ([modes.NONE] if fp8 and bf16_layers else [])
+    te_module.base.initialize_ub(shape=[tokens, hidden_size], tp_size=tp, quantization_modes=quantization_modes,
+                                 ub_cfgs={}, bootstrap_backend="nccl")
 
 
 def destroy_userbuffers() -> None:
