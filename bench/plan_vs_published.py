@@ -6,8 +6,9 @@ architecture as Phi-4: RMSNorm, SwiGLU, GQA, RoPE, untied embeddings), each in i
 Every row is planned by phi4-plan's own code (phi4.plan.estimate on hardware=h100_80gb) with the
 row's model shape, layout and batch, FP8 as those runs used it (Transformer Engine, hybrid format,
 delayed scaling with a 1024-step amax history, no layers kept in bf16: NeMo 24.07's Llama
-pre-training recipes), the distributed optimizer with both overlaps and TE's TP communication
-overlap where TP > 1. It prints the predicted and measured tokens/s and model TFLOP/s per GPU, their
+pre-training recipes), gradients reduced in bf16 (their H100 examples pass
+`optim.grad_sync_dtype=bf16`: NeMo-Framework-Launcher examples/training/llama/h100/*.sh), the
+distributed optimizer with both overlaps and TE's TP communication overlap where TP > 1. It prints the predicted and measured tokens/s and model TFLOP/s per GPU, their
 ratio, and the predicted memory per GPU and whether the layout fits 80 GB as it did. Takes a second;
 no GPU.
 
@@ -62,7 +63,7 @@ def spec_of(row) -> PlanSpec:
                         num_query_groups=kv, vocab_size=vocab, max_position_embeddings=seq, backend="te", name=name)
     topology = TopologyConfig(tp=tp, pp=pp, cp=cp, vp=vp if vp > 1 else None, sp=tp > 1)
     return PlanSpec(model, topology, PrecisionConfig(dtype="bf16", fp8=FP8), gpus, seq, mbs, gbs,
-                    overlap_grad_reduce=True, overlap_param_gather=True)
+                    overlap_grad_reduce=True, overlap_param_gather=True, grad_reduce_in_fp32=False)
 
 
 def compare(hw: HardwareConfig) -> list[dict]:

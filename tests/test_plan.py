@@ -298,3 +298,37 @@ def test_tp_traffic_hides_under_the_gemms_with_tes_overlap(capsys):
     assert on["comm"]["tp"]["seconds"] == off["comm"]["tp"]["seconds"] == off["comm"]["tp"]["exposed_s"] > 0
     assert on["comm"]["tp"]["exposed_s"] == 0.0
     assert off["estimated_step_time_s"] == pytest.approx(on["estimated_step_time_s"] + off["comm"]["tp"]["seconds"])
+
+
+def _static_with_grads_in(grad_reduce_in_fp32: bool) -> dict:
+    from memory_probe import static_bytes
+
+    from helpers import optim_settings
+    from phi4.model.build import build_phi4_model, transformer_config
+    from phi4.model.parallel import init_model_parallel
+    from phi4.train.optimizer import build_optimizer, wrap_ddp
+
+    model, topology, precision = tiny_model(vocab_size=MEASURED_VOCAB), TopologyConfig(), PrecisionConfig(dtype="bf16")
+    init_model_parallel(model, topology, precision)
+    config = transformer_config(model, topology, precision)
+    ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config,
+                   grad_reduce_in_fp32=grad_reduce_in_fp32)
+    optimizer = build_optimizer(ddp, config, optim_settings())
+    from phi4.model.schedule import micro_batches_from_tokens
+    from phi4.train.lm import lm_train_step
+
+    lm_train_step(ddp, optimizer, micro_batches_from_tokens(token_rows(model, 4, 64), 2))  # Adam's state exists now
+    return static_bytes(ddp, optimizer)
+
+
+def test_gradients_in_the_weights_dtype_are_planned_exactly():
+    """train.grad_reduce_in_fp32=false (NeMo's grad_sync_dtype=bf16, Megatron-LM's default): the
+    gradient buffers Megatron-Core allocates in bf16, byte for byte what the planner counts, and half
+    the fp32 ones."""
+    got = run_ranks(_static_with_grads_in, 1, False)[0]
+    spec = PlanSpec(tiny_model(vocab_size=MEASURED_VOCAB), TopologyConfig(), PrecisionConfig(dtype="bf16"), 1, 64, 2, 4,
+                    grad_reduce_in_fp32=False)
+    planned = memory.static_memory(spec)
+    assert got == dict(params=planned.params, grads=planned.grads, optimizer=planned.optimizer)
+    fp32 = memory.static_memory(PlanSpec(spec.model, spec.topology, spec.precision, 1, 64, 2, 4))
+    assert planned.grads * 2 == fp32.grads

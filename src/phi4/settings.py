@@ -59,6 +59,7 @@ class Train:
     max_nonfinite_in_a_row: int = number(least=1, meaning="skipped steps in a row before the run stops")
     overlap_grad_reduce: bool = MISSING
     overlap_param_gather: bool = MISSING
+    grad_reduce_in_fp32: bool = True
     peak_tflops: Optional[float] = number(least=0, above=True, meaning="the device's dense peak, for MFU")
     tensorboard: bool = MISSING
     hang_timeout_minutes: Optional[float] = number(least=0, above=True, meaning="minutes a step may take before "

@@ -60,7 +60,7 @@ def format_plan(plan: dict) -> str:
         "",
         f"memory per GPU (pipeline rank {mem['pp_rank']}, the fullest of {len(mem['per_pp_rank_gb'])})",
         f"  weights            {_gb(mem['weights_gb'])}",
-        f"  gradients (fp32)   {_gb(mem['grads_gb'])}",
+        f"  gradients ({mem.get('grads_dtype', 'fp32')}){' ' * (7 - len(mem.get('grads_dtype', 'fp32')))}{_gb(mem['grads_gb'])}",
         f"  optimizer shard    {_gb(mem['optimizer_gb'])}",
     ]
     if lay["fp8"]:

@@ -13,7 +13,8 @@ Time model (per step, on the slowest pipeline rank):
   hidden behind the layer's attention compute where that is longer;
 - pipeline: (micro-batches + (PP-1)/VP) x the per-micro-batch stage time (the interleaved 1F1B
   bubble), plus the activation sends of every micro-batch and virtual stage, forward and backward;
-- data parallel: the distributed optimizer's reduce-scatter of fp32 gradients and all-gather of
+- data parallel: the distributed optimizer's reduce-scatter of gradients (fp32, or the weights' dtype
+  without train.grad_reduce_in_fp32) and all-gather of
   weights (FP8 weights at one byte), hidden behind the backward/forward when overlapped except for
   one bucket.
 Links: NVLink inside a node, InfiniBand across nodes, by Megatron-Core's rank order (TP, CP, DP,
@@ -128,7 +129,7 @@ def _dp_comm(spec: PlanSpec, hw: HardwareConfig, compute_s: float) -> dict:
     local = max(memory.static_memory(spec, r).params_local for r in range(t.pp))
     in_fp8 = max(memory.fp8_weight_numel(spec, r) for r in range(t.pp))  # all-gathered at one byte
     share = (group - 1) / group
-    grads, weights = share * local * 4, share * (local * e - in_fp8 * (e - 1))
+    grads, weights = share * local * memory.grad_bytes(spec), share * (local * e - in_fp8 * (e - 1))
     link, bw = _link(hw, group * t.tp)
     bucket = min(1.0, max(40_000_000, 1_000_000 * group) / local)  # a bucket's share of the weights
     # Overlapped, the reduce-scatter runs behind the backward pass (2/3 of the compute) and the
@@ -180,6 +181,7 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
         memory_gb_per_gpu=mem.total / gb,
         memory=dict(
             pp_rank=worst, weights_gb=mem.static.params / gb, grads_gb=mem.static.grads / gb,
+            grads_dtype="fp32" if memory.grad_bytes(spec) == 4 else spec.precision.dtype,
             optimizer_gb=mem.static.optimizer / gb, fp8_gb=mem.fp8 / gb,
             activations_gb=mem.activations.total / gb, activations_stored_gb=mem.activations.stored / gb,
             activations_transient_gb=mem.activations.transient / gb, in_flight_micro_batches=memory.in_flight(spec, worst),

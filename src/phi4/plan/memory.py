@@ -130,9 +130,14 @@ def _shard_numel(layout: BufferLayout, dp_rank: int, dp_world: int) -> int:
 @dataclass(frozen=True)
 class StaticMemory:
     params: int      # bytes of the weight buffers
-    grads: int       # bytes of the gradient buffers (fp32)
+    grads: int       # bytes of the gradient buffers (fp32, or the weights' dtype: train.grad_reduce_in_fp32)
     optimizer: int   # bytes of Adam's moments and the fp32 master weights of this rank's shard
     params_local: int  # parameters (elements) this rank holds, unpadded
+
+
+def grad_bytes(spec: PlanSpec) -> int:
+    """Bytes of a gradient element: fp32 with train.grad_reduce_in_fp32, else the weights' dtype."""
+    return 4 if spec.grad_reduce_in_fp32 else dtype_bytes(spec)
 
 
 def static_memory(spec: PlanSpec, pp_rank: int = 0, dp_rank: int = 0) -> StaticMemory:
@@ -146,7 +151,7 @@ def static_memory(spec: PlanSpec, pp_rank: int = 0, dp_rank: int = 0) -> StaticM
     for vp_stage in range(spec.topology.vp or 1):
         layout = chunk_buffer(spec, pp_rank, vp_stage)
         params += layout.numel * e
-        grads += layout.numel * 4
+        grads += layout.numel * grad_bytes(spec)
         optimizer += _shard_numel(layout, dp_rank, dp_world) * per_element_state
         local += sum(chunk_param_numels(spec, pp_rank, vp_stage))
     params -= fp8_weight_numel(spec, pp_rank) * (e - 1)
@@ -320,10 +325,10 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
         forward = logits * (4 + cast)
         backward = max(logits * (4 + cast), logits * e + vocab * h * e)
         peak = max(peak, stored + forward, stored + backward)
-    if gloo:  # the gradient sync after the last backward: one bucket's fp32 copy
+    if gloo:  # the gradient sync after the last backward: one bucket's copy
         largest = max(b_end - b_start for vp_stage in range(chunks)
                       for b_start, b_end in chunk_buffer(spec, pp_rank, vp_stage).buckets)
-        peak = max(peak, largest * 4)
+        peak = max(peak, largest * grad_bytes(spec))
     return ActivationMemory(stored, peak - stored, peak)
 
 

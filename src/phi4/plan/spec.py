@@ -24,6 +24,7 @@ class PlanSpec:
     global_batch_size: int
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    grad_reduce_in_fp32: bool = True  # train.grad_reduce_in_fp32: gradient buffers in fp32, else in the weights' dtype
     token_budget: Optional[float] = None  # tokens of the stage (days are reported when known)
     steps: Optional[int] = None
 
@@ -73,6 +74,7 @@ def from_config(cfg: Mapping[str, Any], gpus: Optional[int] = None) -> PlanSpec:
         global_batch_size=int(train["global_batch_size"]),
         overlap_grad_reduce=bool(train.get("overlap_grad_reduce", False)),
         overlap_param_gather=bool(train.get("overlap_param_gather", False)),
+        grad_reduce_in_fp32=bool(train.get("grad_reduce_in_fp32", True)),
         token_budget=train.get("token_budget"),
         steps=train.get("steps"),
     )

@@ -10,11 +10,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from phi4.settings import Optim
 
 
-def wrap_ddp(chunks: list, config, overlap_grad_reduce: bool = False, overlap_param_gather: bool = False) -> list:
+def wrap_ddp(chunks: list, config, overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+             grad_reduce_in_fp32: bool = True) -> list:
     """Megatron-Core DDP over each model chunk, sharing one grad buffer layout for the
-    distributed optimizer; only the first virtual stage buckets (Megatron-LM's rule)."""
+    distributed optimizer; only the first virtual stage buckets (Megatron-LM's rule). Gradients
+    accumulate and reduce in fp32 unless `grad_reduce_in_fp32` is off (then in the weights' dtype,
+    Megatron-LM's default without --accumulate-allreduce-grads-in-fp32)."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=True,

@@ -186,7 +186,8 @@ class Trainer:
                                    fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16 > 0)
             self._closing.callback(destroy_userbuffers)
         self.chunks = build_phi4_model(self.model, self.topology, self.precision, config=self.config)
-        self.ddp = wrap_ddp(self.chunks, self.config, t.overlap_grad_reduce, t.overlap_param_gather)
+        self.ddp = wrap_ddp(self.chunks, self.config, t.overlap_grad_reduce, t.overlap_param_gather,
+                            t.grad_reduce_in_fp32)
         self.optimizer = build_optimizer(self.ddp, self.config, self.optim)
         self.step_times = StepTimes(t.straggler_factor, t.straggler_windows)
         self.step_times.watch(self.config)
