@@ -40,8 +40,13 @@ def initialize_userbuffers(tokens: int, hidden_size: int, tp: int, fp8: bool, bf
 
     modes = te_module.base.UserBufferQuantizationMode
     quantization_modes = [modes.FP8 if fp8 else modes.NONE] + ([modes.NONE] if fp8 and bf16_layers else [])
-    te_module.base.initialize_ub(shape=[tokens, hidden_size], tp_size=tp, quantization_modes=quantization_modes,
-                                 ub_cfgs={}, bootstrap_backend="nccl")
+    try:
+        te_module.base.initialize_ub(shape=[tokens, hidden_size], tp_size=tp, quantization_modes=quantization_modes,
+                                     ub_cfgs={}, bootstrap_backend="nccl")
+    except RuntimeError as err:  # e.g. no CUDA multicast on this driver/toolkit
+        raise ConfigError(f"topology.tp_comm_overlap: Transformer Engine could not set up its userbuffers ({err}); "
+                          "run with topology.tp_comm_overlap=false, or UB_SKIPMC=1 in the environment where TE "
+                          "suggests it") from err
 
 
 def destroy_userbuffers() -> None:
