@@ -181,7 +181,7 @@ def train_te_tp2(overlap: bool) -> list:
     config = transformer_config(model, topology, precision)
     assert config.tp_comm_overlap == overlap
     if overlap:
-        initialize_userbuffers(64 * 2, model.hidden_size, 2, False)
+        initialize_userbuffers(64 * 2, model.hidden_size, 2, None)
     ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config)
     optimizer = build_optimizer(ddp, config, optim_settings(lr=3e-3, weight_decay=0.0))
     batches = micro_batches_from_tokens(data_parallel_slice(token_rows(model, 8, 64)), 2)

@@ -290,14 +290,15 @@ def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
 
 def test_tp_traffic_hides_under_the_gemms_with_tes_overlap(capsys):
     """phi4-plan on the cluster: with topology.tp_comm_overlap (on by default there) the TP traffic
-    is exposed only where it outlasts the linear GEMMs (here it does not); off, all of it is, and
-    the step is longer by exactly that."""
-    on = _plan_json(capsys, "topology=h100_1920")
-    off = _plan_json(capsys, "topology=h100_1920", "topology.tp_comm_overlap=false")
-    assert on["comm"]["tp"]["overlapped"] and not off["comm"]["tp"]["overlapped"]
-    assert on["comm"]["tp"]["seconds"] == off["comm"]["tp"]["seconds"] == off["comm"]["tp"]["exposed_s"] > 0
-    assert on["comm"]["tp"]["exposed_s"] == 0.0
-    assert off["estimated_step_time_s"] == pytest.approx(on["estimated_step_time_s"] + off["comm"]["tp"]["seconds"])
+    is exposed only where it outlasts the linear GEMMs (at TP=2 on NVLink it does not: none of it is
+    exposed); turned off, all of it is. The same traffic either way."""
+    def tp(*overrides):
+        comm = _plan_json(capsys, "topology=h100_1920", *overrides)["comm"]["tp"]
+        return comm["overlapped"], comm["gb_per_step"], comm["exposed_s"] / comm["seconds"]
+
+    (on, traffic_on, share_on), (off, traffic_off, share_off) = tp(), tp("topology.tp_comm_overlap=false")
+    assert on and not off and traffic_on == traffic_off > 0
+    assert (share_on, share_off) == (0.0, 1.0)
 
 
 def _static_with_grads_in(grad_reduce_in_fp32: bool) -> dict:

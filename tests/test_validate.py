@@ -93,10 +93,17 @@ def test_tp_comm_overlap_is_on_where_it_can_run_and_refused_by_name_where_asked_
                                           r"model.backend=te \(got tp=1, sp=false, backend=te\)"):
         check_run(te, TopologyConfig(tp_comm_overlap=True), BF16)
     # decoding's forwards run with the modules' userbuffer flags off, restored after (also on error)
+    from types import SimpleNamespace
+
     layer = torch.nn.Linear(2, 2)
     layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad, layer.ub_overlap_rs_dgrad = True, True, False
+    chunk = torch.nn.Sequential(layer)
+    chunk.config = SimpleNamespace(tp_comm_overlap=False)  # built without the overlap: left alone
+    with without_tp_comm_overlap([chunk]):
+        assert layer.ub_overlap_ag_fprop
+    chunk.config = SimpleNamespace(tp_comm_overlap=True)
     with pytest.raises(RuntimeError, match="inside"):
-        with without_tp_comm_overlap([torch.nn.Sequential(layer)]):
+        with without_tp_comm_overlap([chunk]):
             assert (layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad) == (False, False)
             raise RuntimeError("inside")
     assert (layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad, layer.ub_overlap_rs_dgrad) == (True, True, False)

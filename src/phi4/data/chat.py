@@ -195,7 +195,6 @@ class PackedChatDataset:
                                                                         self.tokens.sequence_lengths):
             raise ConfigError(f"{prefix}: tokens, loss mask and {meta_path.name} disagree; repack it")
         self.seq_length, self.pad_id = seq_length, Phi4Tokenizer.pad_id
-        self.align = int(meta.get("align", 1))
         self.rows = rows if rows is not None else range(len(self.docs) - 1)
 
     def __len__(self) -> int:

@@ -14,14 +14,13 @@ from phi4.runtime.distributed import init_distributed
 from phi4.runtime.launch_env import LaunchEnv, read_launch_env
 
 
-def check_on_device(precision: PrecisionConfig, on: device.Device, model: Optional[ModelConfig] = None,
-                    topology: Optional[TopologyConfig] = None) -> None:
+def check_on_device(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig,
+                    on: device.Device) -> None:
     """What this device cannot run, refused before anything is built: FP8 recipes the GPU lacks,
     and topology.tp_comm_overlap=true off a GPU."""
     if on.is_cuda:
         check_device(precision, on.capability, on.name)
-    if model is not None and topology is not None:
-        tp_comm_overlap_on(topology, model.backend, on.is_cuda)
+    tp_comm_overlap_on(topology, model.backend, on.is_cuda)
 
 
 def init_model_parallel(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig, seed: int = 1234,
@@ -29,5 +28,5 @@ def init_model_parallel(model: ModelConfig, topology: TopologyConfig, precision:
     """Check the layout, choose the device, start the process group and the parallel groups, seed."""
     launch = launch or read_launch_env()
     check_run(model, topology, precision, launch.world_size)
-    check_on_device(precision, device.select(launch.local_rank), model, topology)
+    check_on_device(model, topology, precision, device.select(launch.local_rank))
     return init_distributed(topology, seed=seed, launch=launch, timeout_s=timeout_s)

@@ -15,31 +15,34 @@ nccl); forwards of other shapes (decoding in the evaluation) run with the overla
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 from phi4.errors import ConfigError
-from phi4.model.config import TopologyConfig
+from phi4.model.config import FP8Config, TopologyConfig
 
 
 def tp_comm_overlap_on(topology: TopologyConfig, backend: str, on_cuda: bool) -> bool:
-    """Whether this run overlaps its TP communication (see the module docstring)."""
-    possible = topology.tp > 1 and topology.sp and backend == "te" and on_cuda
-    if topology.tp_comm_overlap and not possible:
-        missing = [why for ok, why in ((topology.tp > 1, "topology.tp > 1"), (topology.sp, "topology.sp=true"),
-                                       (backend == "te", "model.backend=te"), (on_cuda, "a GPU")) if not ok]
-        raise ConfigError(f"topology.tp_comm_overlap=true needs {', '.join(missing)} (Transformer Engine's userbuffers "
-                          "overlap the sequence-parallel all-gather and reduce-scatter with the GEMMs); "
+    """Whether this run overlaps its TP communication (see the module docstring). The layout's
+    own conditions (TP > 1, SP, te) are phi4.model.validate.check_topology's; this adds the device."""
+    if topology.tp_comm_overlap and not on_cuda:
+        raise ConfigError("topology.tp_comm_overlap=true needs a GPU (Transformer Engine's userbuffers overlap the "
+                          "sequence-parallel all-gather and reduce-scatter with the GEMMs); "
                           "valid here: topology.tp_comm_overlap=false or null")
-    return possible if topology.tp_comm_overlap is None else bool(topology.tp_comm_overlap)
+    if topology.tp_comm_overlap is not None:
+        return topology.tp_comm_overlap
+    return topology.tp > 1 and topology.sp and backend == "te" and on_cuda
 
 
-def initialize_userbuffers(tokens: int, hidden_size: int, tp: int, fp8: bool, bf16_layers: bool = False) -> None:
+def initialize_userbuffers(tokens: int, hidden_size: int, tp: int, fp8: Optional[FP8Config]) -> None:
     """TE's userbuffers for a [tokens, hidden] activation (collective over the TP groups): FP8
     buffers in an FP8 run, plus high-precision ones where layers stay in bf16 (first/last layers),
     as Megatron-LM's initialize_tp_communicators asks TE >= 2.7 for them (quantization_modes)."""
     from transformer_engine.pytorch import module as te_module
 
     modes = te_module.base.UserBufferQuantizationMode
-    quantization_modes = [modes.FP8 if fp8 else modes.NONE] + ([modes.NONE] if fp8 and bf16_layers else [])
+    bf16_layers = fp8 is not None and fp8.first_last_layers_bf16 and \
+        fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16 > 0
+    quantization_modes = [modes.FP8 if fp8 else modes.NONE] + ([modes.NONE] if bf16_layers else [])
     try:
         te_module.base.initialize_ub(shape=[tokens, hidden_size], tp_size=tp, quantization_modes=quantization_modes,
                                      ub_cfgs={}, bootstrap_backend="nccl")
@@ -58,7 +61,11 @@ def destroy_userbuffers() -> None:
 @contextlib.contextmanager
 def without_tp_comm_overlap(chunks: list):
     """The TE modules' userbuffer overlaps off for the forwards inside (their shapes differ from the
-    buffers'), restored after: TE reads its `ub_overlap_*`/`ub_bulk_*` flags at each forward."""
+    buffers'), restored after: TE reads its `ub_overlap_*`/`ub_bulk_*` flags at each forward.
+    Nothing to do (and no walk over the modules) when the model was built without the overlap."""
+    if not getattr(getattr(chunks[0], "config", None), "tp_comm_overlap", False):
+        yield
+        return
     saved = []
     for chunk in chunks:
         for module in chunk.modules():

@@ -163,7 +163,7 @@ class Trainer:
         self.watchdog = self._start_watchdog()
         self.faults = Faults(self.fault, self.launch.rank, self.model.vocab_size)
         self.device = device.select(self.launch.local_rank)
-        check_on_device(self.precision, self.device, self.model, self.topology)
+        check_on_device(self.model, self.topology, self.precision, self.device)
         # the process group's own timeout (NCCL's watchdog) is the backstop behind ours: 2 minutes
         # past the longest allowance (seconds already), so that ours writes the stacks first
         init_distributed(self.topology, seed=cfg.seed, launch=self.launch,
@@ -180,10 +180,8 @@ class Trainer:
         self.config = transformer_config(self.model, self.topology, self.precision)
         if self.config.tp_comm_overlap:  # before the model: TE's linears bind to the userbuffers
             rows = t.micro_batch_size * self.objective.rows_per_sample
-            fp8 = self.precision.fp8
             initialize_userbuffers(t.seq_length * rows // self.topology.cp, self.model.hidden_size, self.topology.tp,
-                                   fp8 is not None, fp8 is not None and fp8.first_last_layers_bf16 and
-                                   fp8.num_layers_at_start_in_bf16 + fp8.num_layers_at_end_in_bf16 > 0)
+                                   self.precision.fp8)
             self._closing.callback(destroy_userbuffers)
         self.chunks = build_phi4_model(self.model, self.topology, self.precision, config=self.config)
         self.ddp = wrap_ddp(self.chunks, self.config, t.overlap_grad_reduce, t.overlap_param_gather,
