@@ -176,7 +176,7 @@ class Pts:
 class Plan:
     gpus: Optional[int] = number(least=1, meaning="devices; or null: topology.nodes x topology.gpus_per_node")
     mfu: Optional[float] = number(least=0, above=True, at_most=1, meaning="an achieved model FLOPs utilisation")
-    memory_margin: float = number(least=0, most=1, meaning="the share of usable memory kept free")
+    memory_margin: float = number(least=0, most=1, meaning="the share added to the estimated activations")
     top: int = number(least=1, meaning="layouts printed by --search")
     show_rejected: bool = False
     micro_batch_sizes: List[int] = field(default_factory=lambda: [1])

@@ -68,14 +68,15 @@ def format_plan(plan: dict) -> str:
     lines += [
         f"  activations        {_gb(mem['activations_gb'])}   ({mem['in_flight_micro_batches']} micro-batch(es) x stages in "
         f"flight: {mem['activations_stored_gb']:.1f} GB, working set {mem['activations_transient_gb']:.1f} GB)",
-        f"  total              {_gb(plan['memory_gb_per_gpu'])}   of {mem['capacity_gb']:.1f} GB usable: "
-        f"{'fits' if mem['fits'] else 'DOES NOT FIT'}",
+        f"  total              {_gb(plan['memory_gb_per_gpu'])}   {mem['needed_gb']:.1f} GB with the {mem['margin']:.0%} "
+        f"margin on the activations, of {mem['capacity_gb']:.1f} GB usable: {'fits' if mem['fits'] else 'DOES NOT FIT'}",
         "",
         "per step",
         f"  model FLOPs        {plan['flops']['model_tflop_per_step']:,.0f} TFLOP ({plan['flops']['gflop_per_token']:.1f} GFLOP "
         f"a token, attention included); with recomputation {plan['flops']['hardware_tflop_per_step']:,.0f}",
-        f"  compute            {plan['compute_s']:.3f} s on the slowest stage "
-        f"(at {plan['assumptions']['gemm_efficiency']:.0%} of peak)",
+        f"  compute            {plan['compute_s']:.3f} s on the slowest stage: per micro-batch "
+        + ", ".join(f"{k.replace('_', ' ')} {v * 1e3:.1f} ms" for k, v in plan['compute_per_micro_batch_s'].items() if v),
+        f"  optimizer step     {plan['optimizer_s']:.3f} s",
         f"  pipeline bubble    {plan['bubble_fraction']:.1%}",
     ]
     for name, label in (("tp", "tensor parallel"), ("cp", "context parallel"), ("pp", "pipeline sends"), ("dp", "data parallel")):

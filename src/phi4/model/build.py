@@ -120,9 +120,13 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         use_cpu_initialization=on_cpu,
         # Fused kernels where the GPU runs them (Megatron-Bridge's choices); none on the CPU.
         **fusion_settings(model.backend, on_cpu),
-        # Batched isend/irecv mixes up micro-batches of the interleaved schedule over gloo
-        # (MEGATRON_CPU.md, item 11); NCCL handles it.
-        batch_p2p_comm=not on_cpu,
+        # Pipeline sends as Megatron-LM makes them (arguments.py: overlap_p2p_comm with the
+        # interleaved schedule, batch_p2p_comm = not overlap_p2p_comm): the interleaved schedule's
+        # sends overlap its compute (phi4-plan counts only the warm-up's and flush's as exposed).
+        # On the CPU neither: batched isend/irecv mixes up micro-batches of the interleaved
+        # schedule over gloo, as measured on this project's CPU runs.
+        overlap_p2p_comm=not on_cpu and topology.vp is not None,
+        batch_p2p_comm=not on_cpu and topology.vp is None,
         # Free each pipeline stage's output once sent (Megatron-LM's default).
         deallocate_pipeline_outputs=True,
         # TE's userbuffer overlap of the sequence-parallel all-gather/reduce-scatter with the GEMMs

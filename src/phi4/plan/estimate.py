@@ -1,22 +1,27 @@
 """A plan: memory per device, and per step the FLOPs, pipeline bubble, communication, time and MFU.
 
-Time model (per step, on the slowest pipeline rank):
-- compute: the rank's FLOPs per micro-batch (forward, backward, recomputation) over TP x CP
-  devices, at the assumed achieved fraction of peak (FP8 rate for the linears when FP8 is on);
-- tensor parallel: per layer and micro-batch, 8 units of (TP-1)/TP x tokens x hidden bytes (two
-  all-reduces forward and two backward, or their all-gather/reduce-scatter halves under sequence
-  parallelism, whose extra backward all-gather overlaps the gradient GEMM); 4 more for a fully
-  recomputed forward. With TE's TP communication overlap (topology.tp_comm_overlap, on by default
-  with TP > 1, SP and te on GPUs) it runs under the layers' linear GEMMs and only what outlasts them
-  is exposed; without it, all of it;
+Time model (per step, on the slowest pipeline rank), each rate from the hardware file:
+- compute: every kernel of a micro-batch on one device, by shape (phi4.plan.timing): the linears'
+  GEMMs (FP8 where the layer is), fused attention, the memory-bound kernels between them, the
+  embedding on the first stage and the output layer and loss on the last, recomputation included;
+- tensor parallel: per layer and micro-batch, under sequence parallelism, four all-gathers or
+  reduce-scatters forward and six backward (the backward all-gathers the norms' outputs again for
+  the wgrad GEMMs) of (TP-1)/TP x tokens x hidden bytes each, four more for a fully recomputed
+  forward; without SP two all-reduces each way. With TE's TP communication overlap
+  (topology.tp_comm_overlap, on by default with TP > 1, SP and te on GPUs) each runs under its
+  GEMM and only what outlasts that GEMM is exposed; without it the backward's wgrad-side ones still
+  overlap (TE and Megatron-Core issue them asynchronously), the rest are exposed;
 - context parallel: the ring passes each layer's K and V (CP-1 times forward, twice that backward),
-  hidden behind the layer's attention compute where that is longer;
+  hidden behind the layer's attention where that is longer;
 - pipeline: (micro-batches + (PP-1)/VP) x the per-micro-batch stage time (the interleaved 1F1B
-  bubble), plus the activation sends of every micro-batch and virtual stage, forward and backward;
+  bubble); the activation sends of every micro-batch and virtual stage, forward and backward,
+  exposed under 1F1B, and under the interleaved schedule (overlap_p2p_comm, as Megatron-LM runs
+  it) only those of the warm-up and flush;
 - data parallel: the distributed optimizer's reduce-scatter of gradients (fp32, or the weights' dtype
   without train.grad_reduce_in_fp32) and all-gather of
   weights (FP8 weights at one byte), hidden behind the backward/forward when overlapped except for
-  one bucket.
+  one bucket;
+- the optimizer step: Adam over the rank's shard, memory-bound.
 Links: NVLink inside a node, InfiniBand across nodes, by Megatron-Core's rank order (TP, CP, DP,
 PP from fastest-varying): a group stays inside a node when its span fits in one.
 """
@@ -25,14 +30,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-from phi4.model.flops import flops_per_token, forward_flops_per_token
+from phi4.model.flops import flops_per_token
 from phi4.model.tp_overlap import tp_comm_overlap_on
-from phi4.plan import memory
+from phi4.plan import memory, timing
 from phi4.plan.spec import PlanSpec
 from phi4.runtime.hardware import HardwareConfig
 
-_TP_UNITS = 8
-_TP_UNITS_RECOMPUTE = 4
+# (the GEMM a collective runs under with TE's overlap, whether it overlaps without it too)
+_TP_FORWARD = [("qkv_fprop", False), ("proj_fprop", False), ("fc1_fprop", False), ("fc2_fprop", False)]
+_TP_BACKWARD = [("fc2_dgrad", False), ("fc1_dgrad", True), ("fc1_wgrad", True), ("proj_dgrad", False),
+                ("qkv_dgrad", True), ("qkv_wgrad", True)]
 
 
 def _link(hw: HardwareConfig, span: int) -> tuple[str, float]:
@@ -40,54 +47,59 @@ def _link(hw: HardwareConfig, span: int) -> tuple[str, float]:
     return ("nvlink", hw.nvlink_gb_s * 1e9) if span <= hw.gpus_per_node else ("ib", hw.ib_gb_s * 1e9)
 
 
-def gemm_efficiency(spec: PlanSpec, hw: HardwareConfig) -> float:
-    """The assumed fraction of peak: `matmul_efficiency` for large GEMMs, lower when the GEMMs
-    have few rows (the micro-batch's tokens on one device: sequence / CP x micro-batch size),
-    reaching half at `gemm_ramp_rows`."""
-    rows = spec.seq_length // spec.topology.cp * spec.micro_batch_size
-    return hw.matmul_efficiency * rows / (rows + hw.gemm_ramp_rows)
+def _tp_overlapped(spec: PlanSpec, hw: HardwareConfig) -> bool:
+    return tp_comm_overlap_on(spec.topology, spec.model.backend, on_cuda=hw.collectives != "gloo")
+
+
+def _layer_tp(spec: PlanSpec, hw: HardwareConfig, gemms: dict) -> dict:
+    """One layer's tensor-parallel traffic per micro-batch on one device, and what of it is exposed."""
+    t = spec.topology
+    if t.tp == 1:
+        return dict(bytes=0.0, seconds=0.0, exposed=0.0)
+    link, bw = _link(hw, t.tp)
+    one = (t.tp - 1) / t.tp * timing.tokens(spec) * spec.model.hidden_size * memory.dtype_bytes(spec)
+    if not t.sp:  # all-reduces: after proj and fc2 forward; of qkv's and fc1's dgrad, under their wgrads
+        pairs = [("proj_fprop", False), ("fc2_fprop", False), ("qkv_wgrad", True), ("fc1_wgrad", True)]
+        pairs += pairs[:2] if t.recompute == "full" else []
+        one *= 2
+        ub = False
+    else:
+        pairs = _TP_FORWARD + _TP_BACKWARD + (_TP_FORWARD if t.recompute == "full" else [])
+        ub = _tp_overlapped(spec, hw)
+    seconds = one / bw
+    exposed = sum(max(0.0, seconds - gemms[name]) if (ub or hidden) else seconds for name, hidden in pairs)
+    return dict(bytes=one * len(pairs), seconds=seconds * len(pairs), exposed=exposed)
 
 
 def _rank_compute(spec: PlanSpec, hw: HardwareConfig, pp_rank: int) -> dict:
-    """FLOPs and seconds of one micro-batch on one device of this pipeline rank."""
-    m, t = spec.model, spec.topology
-    tokens = spec.micro_batch_size * spec.seq_length
-    fwd = forward_flops_per_token(m, spec.seq_length)
-    layer_share = 1.0 / t.pp
-    linear = fwd["linear"] * layer_share * tokens
-    attention = fwd["attention"] * layer_share * tokens
-    output = fwd["output"] * tokens if pp_rank == t.pp - 1 else 0.0
-    extra_linear = linear if t.recompute == "full" else 0.0
-    extra_attention = attention if t.recompute in ("full", "selective") else 0.0
-    split = t.tp * t.cp
-    linear_flops = (3 * linear + extra_linear) / split
-    other_flops = (3 * attention + extra_attention + 3 * output) / split
-    layers, in_fp8 = memory.fp8_layers(spec, pp_rank)  # the linears of FP8 layers run at the FP8 rate
-    fp8_linear = linear_flops * in_fp8 / layers if layers else 0.0
-    eff = gemm_efficiency(spec, hw)
-    linear_seconds = fp8_linear / (hw.peak_tflops_fp8 * 1e12 * eff) + (linear_flops - fp8_linear) / (
-        hw.peak_tflops_bf16 * 1e12 * eff)
-    seconds = linear_seconds + other_flops / (hw.peak_tflops_bf16 * 1e12 * eff)
-    attention_seconds = (3 * attention + extra_attention) / split / (hw.peak_tflops_bf16 * 1e12 * eff)
-    return dict(flops=linear_flops + other_flops, seconds=seconds, attention_seconds=attention_seconds,
-                linear_seconds=linear_seconds)
-
-
-def _tp_comm(spec: PlanSpec, hw: HardwareConfig, linear_seconds: float) -> dict:
-    """Per micro-batch on one device; with TE's overlap, hidden under the linear GEMMs."""
+    """Seconds and FLOPs of one micro-batch on one device of this pipeline rank, and its exposed
+    tensor- and context-parallel communication."""
     t = spec.topology
-    if t.tp == 1:
-        return dict(bytes=0.0, seconds=0.0, exposed=0.0, link="-", overlapped=False)
-    e = memory.dtype_bytes(spec)
-    tokens = spec.micro_batch_size * spec.seq_length // t.cp
-    layers = spec.model.num_layers // t.pp
-    units = _TP_UNITS + (_TP_UNITS_RECOMPUTE if t.recompute == "full" else 0)
-    volume = layers * units * (t.tp - 1) / t.tp * tokens * spec.model.hidden_size * e
-    link, bw = _link(hw, t.tp)
-    seconds = volume / bw
-    overlapped = tp_comm_overlap_on(t, spec.model.backend, on_cuda=hw.collectives != "gloo")
-    exposed = max(0.0, seconds - linear_seconds) if overlapped else seconds
-    return dict(bytes=volume, seconds=seconds, exposed=exposed, link=link, overlapped=overlapped)
+    layers, in_fp8 = memory.fp8_layers(spec, pp_rank)
+    ub = t.tp > 1 and t.sp and _tp_overlapped(spec, hw)
+    flops = 0.0
+    parts = dict(gemm=0.0, attention=0.0, elementwise=0.0, embedding=0.0, output_and_loss=0.0)
+    tp = dict(bytes=0.0, seconds=0.0, exposed=0.0)
+    for fp8, count in ((True, in_fp8), (False, layers - in_fp8)):
+        if not count:
+            continue
+        layer = timing.layer_seconds(spec, hw, fp8, ub)
+        flops += count * layer["flops"]
+        for key in ("gemm", "attention", "elementwise"):
+            parts[key] += count * layer[key]
+        for key, value in _layer_tp(spec, hw, layer["gemms"]).items():
+            tp[key] += count * value
+    if pp_rank == 0:
+        parts["embedding"] = timing.embedding_seconds(spec, hw)
+    if pp_rank == t.pp - 1:
+        parts["output_and_loss"] = timing.output_layer_seconds(spec, hw)
+        m = spec.model
+        flops += 6.0 * timing.tokens(spec) * m.padded_vocab_size(t.tp) // t.tp * m.hidden_size
+    seconds = sum(parts.values())
+    tp.update(link=_link(hw, t.tp)[0] if t.tp > 1 else "-", overlapped=ub)
+    cp = _cp_comm(spec, hw, parts["attention"])
+    return dict(flops=flops, seconds=seconds, parts=parts, tp=tp, cp=cp,
+                stage=seconds + tp["exposed"] + cp["exposed"])
 
 
 def _cp_comm(spec: PlanSpec, hw: HardwareConfig, attention_seconds: float) -> dict:
@@ -107,16 +119,19 @@ def _cp_comm(spec: PlanSpec, hw: HardwareConfig, attention_seconds: float) -> di
 
 def _pp_comm(spec: PlanSpec, hw: HardwareConfig) -> dict:
     """Per step on one device: each micro-batch's activations forward and gradients back, per
-    virtual stage."""
+    virtual stage; exposed all under 1F1B, only the warm-up's and flush's when interleaved."""
     t = spec.topology
     if t.pp == 1:
-        return dict(bytes=0.0, seconds=0.0, link="-")
+        return dict(bytes=0.0, seconds=0.0, exposed=0.0, link="-")
     e = memory.dtype_bytes(spec)
     d = t.tp if t.sp else 1
     tokens = spec.micro_batch_size * spec.seq_length // t.cp
-    volume = 2 * spec.num_micro_batches * (t.vp or 1) * tokens * spec.model.hidden_size * e / d
+    one = tokens * spec.model.hidden_size * e / d
+    sends = 2 * spec.num_micro_batches * (t.vp or 1)
     link, bw = _link(hw, spec.world_size)
-    return dict(bytes=volume, seconds=volume / bw, link=link)
+    seconds = sends * one / bw
+    exposed = 2 * (t.pp - 1) * one / bw if t.vp and hw.collectives != "gloo" else seconds
+    return dict(bytes=sends * one, seconds=seconds, exposed=exposed, link=link)
 
 
 def _dp_comm(spec: PlanSpec, hw: HardwareConfig, compute_s: float) -> dict:
@@ -148,24 +163,25 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
 
     # Memory: every pipeline rank; the plan reports the fullest.
     ranks = [memory.rank_memory(spec, r, gloo=hw.collectives == "gloo") for r in range(t.pp)]
-    worst = max(range(t.pp), key=lambda r: ranks[r].total)
+    # The weights, gradients, optimizer state and FP8 copies are exact (buffers allocated once);
+    # the margin covers the activations, an estimate, and the allocator's fragmentation of them.
+    needed = [r.total + memory_margin * r.activations.total for r in ranks]
+    worst = max(range(t.pp), key=lambda r: needed[r])
     mem = ranks[worst]
-    capacity = hw.usable_bytes * (1 - memory_margin)
+    capacity = hw.usable_bytes
 
     # Time.
     computes = [_rank_compute(spec, hw, r) for r in range(t.pp)]
-    stage = []
-    for r, c in enumerate(computes):
-        cp = _cp_comm(spec, hw, c["attention_seconds"])
-        stage.append(c["seconds"] + _tp_comm(spec, hw, c["linear_seconds"])["exposed"] + cp["exposed"])
-    slowest = max(range(t.pp), key=lambda r: stage[r])
-    tp = _tp_comm(spec, hw, computes[slowest]["linear_seconds"])
-    cp = _cp_comm(spec, hw, computes[slowest]["attention_seconds"])
+    slowest = max(range(t.pp), key=lambda r: computes[r]["stage"])
+    c = computes[slowest]
+    tp, cp = c["tp"], c["cp"]
     pp = _pp_comm(spec, hw)
-    dp = _dp_comm(spec, hw, computes[slowest]["seconds"] * m)
-    pipeline = (m + (t.pp - 1) / vp) * stage[slowest]
+    dp = _dp_comm(spec, hw, c["seconds"] * m)
+    local = max(memory.static_memory(spec, r).params_local for r in range(t.pp))
+    optimizer_s = timing.optimizer_seconds(spec, hw, local)
+    pipeline = (m + (t.pp - 1) / vp) * c["stage"]
     bubble = (t.pp - 1) / (vp * m)
-    estimated_step = pipeline + pp["seconds"] + dp["exposed"]
+    estimated_step = pipeline + pp["exposed"] + dp["exposed"] + optimizer_s
 
     model_flops = spec.tokens_per_step * flops_per_token(spec.model, spec.seq_length)
     peak = hw.peak_tflops_bf16 * 1e12
@@ -185,20 +201,23 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
             optimizer_gb=mem.static.optimizer / gb, fp8_gb=mem.fp8 / gb,
             activations_gb=mem.activations.total / gb, activations_stored_gb=mem.activations.stored / gb,
             activations_transient_gb=mem.activations.transient / gb, in_flight_micro_batches=memory.in_flight(spec, worst),
-            capacity_gb=capacity / gb, fits=mem.total <= capacity,
+            capacity_gb=capacity / gb, needed_gb=needed[worst] / gb, margin=memory_margin,
+            fits=needed[worst] <= capacity,
             per_pp_rank_gb=[r.total / gb for r in ranks],
         ),
         flops=dict(model_tflop_per_step=model_flops / 1e12,
                    gflop_per_token=flops_per_token(spec.model, spec.seq_length) / 1e9,
-                   hardware_tflop_per_step=sum(c["flops"] for c in computes) * m * t.tp * t.cp * spec.dp / 1e12),
+                   hardware_tflop_per_step=sum(r["flops"] for r in computes) * m * t.tp * t.cp * spec.dp / 1e12),
         comm=dict(
             tp=dict(gb_per_step=tp["bytes"] * m / gb, seconds=tp["seconds"] * m, exposed_s=tp["exposed"] * m,
                     link=tp["link"], overlapped=tp["overlapped"]),
             cp=dict(gb_per_step=cp["bytes"] * m / gb, seconds=cp["seconds"] * m, exposed_s=cp["exposed"] * m, link=cp["link"]),
-            pp=dict(gb_per_step=pp["bytes"] / gb, seconds=pp["seconds"], exposed_s=pp["seconds"], link=pp["link"]),
+            pp=dict(gb_per_step=pp["bytes"] / gb, seconds=pp["seconds"], exposed_s=pp["exposed"], link=pp["link"]),
             dp=dict(gb_per_step=dp["bytes"] / gb, seconds=dp["seconds"], exposed_s=dp["exposed"], link=dp["link"]),
         ),
-        compute_s=computes[slowest]["seconds"] * m,
+        compute_s=c["seconds"] * m,
+        compute_per_micro_batch_s=c["parts"],
+        optimizer_s=optimizer_s,
         bubble_fraction=bubble,
         estimated_step_time_s=estimated_step,
         estimated_mfu=estimated_mfu,
@@ -210,8 +229,7 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
         steps=steps,
         tokens=steps * spec.tokens_per_step if steps else None,
         days=steps * step / 86400 if steps else None,
-        assumptions=dict(matmul_efficiency=hw.matmul_efficiency, gemm_efficiency=gemm_efficiency(spec, hw),
-                         memory_margin=memory_margin,
-                         mfu_against="bf16 dense peak"),
+        assumptions=dict(gemm_efficiency_bf16=hw.gemm_efficiency_bf16, gemm_efficiency_fp8=hw.gemm_efficiency_fp8,
+                         hbm_gb_s=hw.hbm_gb_s, memory_margin=memory_margin, mfu_against="bf16 dense peak"),
     )
 

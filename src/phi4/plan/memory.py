@@ -253,9 +253,10 @@ def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None, fuse
         # fused attention: q, k, v (not repeated), the output, softmax statistics (fp32).
         attention = T * e * (h + 2 * kv) / tp + b * heads * s * 4
         proj_in = T * e * h / tp + (T * h / tp if fp8 else 0)
-    # MLP (Megatron-Core's unfused SwiGLU): FC1's output (gate and up), silu(gate), the product;
-    # the fused SwiGLU keeps no silu(gate).
-    mlp = T * e * (3 if fused else 4) * f / tp + T * (1 if (m.backend == "te" and spec.precision.fp8) else e) * f / tp
+    # MLP, Megatron-Core's unfused SwiGLU (as measured on the CPU): FC1's output (gate and up),
+    # silu(gate), the product; the fused one (bias_swiglu_impl's autograd function) saves FC1's
+    # output alone. Then FC2's input as FC2 keeps it (TE in FP8: one byte).
+    mlp = T * e * (2 if fused else 4) * f / tp + T * (1 if (m.backend == "te" and spec.precision.fp8) else e) * f / tp
     return 2 * norm + qkv_in + rope + attention + proj_in + fc1_in + mlp
 
 

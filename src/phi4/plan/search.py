@@ -4,7 +4,7 @@ Candidates: TP over the node's divisors and the model's valid sizes, PP up to 16
 of the layer count, VP none or 2-5, CP 1-8 (powers of two), the micro-batch sizes and recompute
 settings of `plan.*`; sequence parallelism whenever TP > 1 (it only saves memory). A candidate is
 rejected, with its reason, when the model or the batch does not divide (phi4-train's own checks),
-or when it needs more than the device's usable memory less the margin.
+or when it needs more than the device's usable memory (its activations with the margin).
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def search(spec: PlanSpec, hw: HardwareConfig, micro_batch_sizes=(1, 2, 4),
         if not plan["memory"]["fits"]:
             mem = plan["memory"]
             rejected.append(dict(layout=layout, kind="memory", reason=(
-                f"needs {plan['memory_gb_per_gpu']:.1f} GB on pipeline rank {mem['pp_rank']} > "
-                f"{mem['capacity_gb']:.1f} GB usable ({hw.name}: {hw.memory_gb} GB less "
-                f"{hw.reserved_gb} reserved, less the {memory_margin:.0%} margin)")))
+                f"needs {mem['needed_gb']:.1f} GB on pipeline rank {mem['pp_rank']} ({plan['memory_gb_per_gpu']:.1f} "
+                f"GB, its activations with the {memory_margin:.0%} margin) > {mem['capacity_gb']:.1f} GB usable "
+                f"({hw.name}: {hw.memory_gb} GB less {hw.reserved_gb} reserved)")))
             continue
         valid.append(plan)
     # Fastest first; among equally fast layouts, the fewest model-parallel ways, then the least memory.
