@@ -1,7 +1,8 @@
 """Every parallel layout computes the same model: logits, and losses over 3 optimizer steps.
 
 One single-process launch gives the reference (TP=1, PP=1, DP=1); one 2-rank launch runs, in
-turn, TP=2, TP=2 with sequence parallelism, PP=2, PP=2 with 2 virtual stages, and DP=2. Each
+turn, TP=2, TP=2 with sequence parallelism, PP=2, PP=2 with 2 virtual stages, both with uneven
+stages (topology.pp_layout), and DP=2. Each
 layout starts from the same weights (HF layout, copied in by the converter's mapping), trains on
 the same global batch with Megatron-Core DDP and the distributed optimizer in fp32, and reports
 the logits before training and the loss before each of 3 optimizer steps and after the last.
@@ -28,6 +29,10 @@ LAYOUTS = {
     "tp2_sp": TopologyConfig(tp=2, sp=True),
     "pp2": TopologyConfig(pp=2),
     "pp2_vp2": TopologyConfig(pp=2, vp=2),
+    # uneven stages (Megatron-Core's pipeline_model_parallel_layout): 1 + 3 layers; and the
+    # embedding in a virtual stage of its own
+    "pp2_uneven": TopologyConfig(pp=2, pp_layout="Et|ttt,L"),
+    "pp2_vp2_uneven": TopologyConfig(pp=2, vp=2, pp_layout="E|tt|t|t,L"),
     "dp2": TopologyConfig(),
 }
 
@@ -73,6 +78,8 @@ def run_layouts(layouts: dict, weights: dict, tokens: torch.Tensor) -> dict:
             losses=[s["loss"] for s in steps] + [final],
             grad_norms=[float(s["grad_norm"]) for s in steps],
             updated=all(s["update_successful"] for s in steps),
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            layer_numbers=[[layer.layer_number - 1 for layer in chunk.decoder.layers] for chunk in chunks],
         )
     return results
 
@@ -84,6 +91,7 @@ def _gather(per_rank: list[dict], name: str) -> dict:
     for r in reporters[1:]:  # every DP rank saw the same global loss
         assert r["losses"] == reporters[0]["losses"]
     return dict(
+        layer_numbers={r[name]["pp_rank"]: r[name]["layer_numbers"] for r in per_rank},
         logits=torch.cat([r["logits"] for r in reporters]),
         losses=torch.tensor(reporters[0]["losses"], dtype=torch.float64),
         grad_norms=torch.tensor(reporters[0]["grad_norms"], dtype=torch.float64),
@@ -108,6 +116,8 @@ PAIRS = [
     ("tp2", "tp2_sp"),
     ("tp1_pp1_dp1", "pp2"),
     ("pp2", "pp2_vp2"),
+    ("pp2", "pp2_uneven"),
+    ("pp2_vp2", "pp2_vp2_uneven"),
     ("tp1_pp1_dp1", "dp2"),
 ]
 
@@ -128,3 +138,14 @@ def test_same_logits_and_losses(layouts, a, b):
 def test_training_moves_the_loss(layouts):
     losses = layouts["tp1_pp1_dp1"]["losses"]
     assert losses[-1] < losses[0] - 0.01, losses
+
+
+@pytest.mark.parametrize("name", ["pp2", "pp2_vp2", "pp2_uneven", "pp2_vp2_uneven"])
+def test_each_stage_builds_the_layers_its_layout_names(layouts, name):
+    """Megatron-Core built, on each pipeline rank and virtual stage, the decoder layers that
+    phi4.model.pipeline_layout (what the planner counts) says it holds."""
+    from phi4.model.pipeline_layout import stage_layers
+
+    want = stage_layers(tiny_model(**MODEL), LAYOUTS[name])
+    for pp_rank, built in layouts[name]["layer_numbers"].items():
+        assert built == [list(r) for r in want[pp_rank]], (name, pp_rank, built)

@@ -40,6 +40,8 @@ LAYOUTS = {
     "pp2_full": (TopologyConfig(pp=2, recompute="full"), "fp32", 256, 4, 8),
     "pp2_long": (TopologyConfig(pp=2), "fp32", 256, 4, 8),
     "pp2_long_selective": (TopologyConfig(pp=2, recompute="selective"), "fp32", 256, 4, 8),
+    # uneven stages: 3 layers on the first rank, 1 beside the output layer and loss on the last
+    "pp2_uneven": (TopologyConfig(pp=2, pp_layout="Ettt|t,L"), "fp32", 256, 4, 8),
 }
 
 
@@ -383,3 +385,26 @@ def test_gemm_time_by_shape():
     assert _ub_gemm_seconds(dgrad, hw, 2) == pytest.approx(
         gemm_seconds(Gemm("fc1_dgrad", 8192, 8192, 8192, True), hw, hw.sm_count - UB_COMM_SMS))
     assert _ub_gemm_seconds(dgrad, hw, 2) > gemm_seconds(dgrad, hw)
+
+
+def test_search_lists_only_layouts_the_trainer_accepts(capsys):
+    """Every layout `phi4-plan --search` lists for Phi-4 on 1920 H100s, uneven pipeline stages among
+    them, passes phi4-train's checks and builds Megatron-Core's TransformerConfig (which checks a
+    pipeline layout against the model and the pipeline itself)."""
+    from phi4.model.build import transformer_config
+    from phi4.model.config import ModelConfig
+    from phi4.model.validate import check_run
+    from phi4.settings import load_group
+
+    phi4 = ModelConfig.from_dict(load_group("model", ROOT / "conf/model/phi4_14b.yaml"))
+    result = _plan_json(capsys, "--search", "plan.micro_batch_sizes=[1]", "plan.recompute=[none]")
+    layouts = {tuple(sorted((k, v) for k, v in p["layout"].items()
+                            if k in ("tp", "pp", "vp", "cp", "sp", "recompute", "pp_layout"))) for p in result["valid"]}
+    assert len(layouts) > 100 and any(dict(k)["pp_layout"] for k in layouts)
+    for key in layouts:
+        topology = TopologyConfig(**dict(key))
+        check_run(phi4, topology, PrecisionConfig(dtype="bf16"), 1920)
+        config = transformer_config(phi4, topology, PrecisionConfig(dtype="bf16"))
+        assert config.pipeline_model_parallel_size == topology.pp
+        if topology.pp_layout:
+            assert config.pipeline_model_parallel_layout.virtual_pipeline_model_parallel_size == (topology.vp or 1)

@@ -36,6 +36,13 @@ def test_phi4_tp_must_divide_the_ten_query_groups():
         (TopologyConfig(cp=2), r"topology.cp=2 needs model.backend=te"),
         (TopologyConfig(tp=1, sp=True), r"topology.sp=true needs topology.tp > 1 .*valid: topology.sp=false, or topology.tp in 2, 5, 10"),
         (TopologyConfig(tp=0), r"topology.tp=0 must be a positive integer"),
+        (TopologyConfig(pp=2, pp_layout="Et*9|t*10|t*10|t*11,L"),
+         r"topology.pp_layout='Et\*9\|t\*10\|t\*10\|t\*11,L' has 4 stages; topology.pp=2 x topology.vp=None needs 2"),
+        (TopologyConfig(pp=2, pp_layout="Et*20|t*19,L"), r"places 39 decoder layers; model.num_layers=40"),
+        (TopologyConfig(pp=2, pp_layout="t*20|Et*20,L"), r"the embedding E must come once, first in the first stage"),
+        (TopologyConfig(pp=2, pp_layout="Et*20,L|t*20"), r"the loss L must come once, last in the last stage"),
+        (TopologyConfig(pp=2, pp_layout="Et*20|t*19,m,L"), r"unknown layer character\(s\) m; valid: one run of E"),
+        (TopologyConfig(pp=1, pp_layout="Et*40,L"), r"needs topology.pp >= 2"),
     ],
 )
 def test_bad_topology_names_the_setting(topology, pattern):
@@ -107,3 +114,26 @@ def test_tp_comm_overlap_is_on_where_it_can_run_and_refused_by_name_where_asked_
             assert (layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad) == (False, False)
             raise RuntimeError("inside")
     assert (layer.ub_overlap_ag_fprop, layer.ub_bulk_wgrad, layer.ub_overlap_rs_dgrad) == (True, True, False)
+
+
+def test_uneven_pipeline_stages():
+    """topology.pp_layout: Megatron-Core's layout grammar, read as Megatron-Core reads it; 40 layers
+    in stages the even split cannot make, accepted; the planner's uneven candidates are valid."""
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    from phi4.model.pipeline_layout import lighter_last, stage_layers, unroll
+
+    short = {"embedding": "E", "decoder": "t", "loss": "L", "mtp": "m"}
+    for text in ("Et*9|t*10|t*10|t*11,L", "E|(t*4|)*10L", "Ettt|(tt|)*29,m|L", "Et|(tt|)*2,tL"):
+        theirs = ["".join(short[kind.name] for kind in stage) for stage in PipelineParallelLayerLayout.parse_str_to_list(text)]
+        assert unroll(text) == theirs
+    layout = TopologyConfig(pp=3, vp=2, pp_layout="Et*6|t*7|t*7|t*7|t*7|t*6,L")  # 40 layers do not split into 6 equally
+    check_run(PHI4, layout, BF16)
+    assert [[len(r) for r in rank] for rank in stage_layers(PHI4, layout)] == [[6, 7], [7, 7], [7, 6]]
+    assert stage_layers(PHI4, layout)[1][1] == range(27, 34)  # stage 4 of 6: after 6 + 7 + 7 + 7 layers
+    for pp, vp in ((2, None), (4, None), (2, 5), (8, 5)):
+        uneven = lighter_last(PHI4, pp, vp or 1)
+        check_run(PHI4, TopologyConfig(pp=pp, vp=vp, pp_layout=uneven), BF16)
+        counts = [len(r) for rank in stage_layers(PHI4, TopologyConfig(pp=pp, vp=vp, pp_layout=uneven)) for r in rank]
+        even = 40 // (pp * (vp or 1))
+        assert counts[-1] == even - 1 and sum(counts) == 40  # the last rank's last stage: one layer lighter

@@ -54,7 +54,8 @@ def format_plan(plan: dict) -> str:
     lay, mem, comm = plan["layout"], plan["memory"], plan["comm"]
     lines = [
         f"layout   tp={lay['tp']} pp={lay['pp']} vp={lay['vp']} cp={lay['cp']} dp={lay['dp']} sp={lay['sp']} "
-        f"recompute={lay['recompute']}  on {lay['gpus']} x {lay['hardware']}",
+        f"recompute={lay['recompute']}{' pp_layout=' + lay['pp_layout'] if lay.get('pp_layout') else ''}  on "
+        f"{lay['gpus']} x {lay['hardware']}",
         f"batch    {lay['global_batch_size']} x {lay['seq_length']} tokens per step; micro-batch {lay['micro_batch_size']}, "
         f"{lay['micro_batches']} micro-batches per replica; {lay['dtype']}{' + FP8' if lay['fp8'] else ''}",
         "",
@@ -115,9 +116,11 @@ def _format_saves(saves: Optional[dict]) -> list[str]:
     ]
 
 
-def _row(layout: dict) -> str:
+def _row(layout: dict, full: bool = True) -> str:
+    stages = layout.get("pp_layout")
     return (f"tp={layout['tp']:<2} pp={layout['pp']:<2} vp={str(layout['vp']):<4} cp={layout['cp']:<2} "
-            f"dp={str(layout['dp']):<5} mbs={layout['micro_batch_size']} recompute={layout['recompute']:<9}")
+            f"dp={str(layout['dp']):<5} mbs={layout['micro_batch_size']} recompute={layout['recompute']:<9}"
+            + (f" pp_layout={stages}" if stages and full else ""))
 
 
 def format_search(result: dict, top: int, show_rejected: bool) -> str:
@@ -126,8 +129,10 @@ def format_search(result: dict, top: int, show_rejected: bool) -> str:
     lines.append(f"{'#':>3}  {'layout':<62} {'memory':>8} {'step':>8} {'MFU':>6} {'days':>6}")
     for i, plan in enumerate(valid[:top], 1):
         days = f"{plan['estimated_step_time_s'] * plan['steps'] / 86400:6.1f}" if plan["steps"] else "     -"
-        lines.append(f"{i:>3}  {_row(plan['layout']):<62} {plan['memory_gb_per_gpu']:6.1f}GB "
-                     f"{plan['estimated_step_time_s']:7.3f}s {plan['estimated_mfu']:6.1%} {days}")
+        stages = plan["layout"].get("pp_layout")
+        lines.append(f"{i:>3}  {_row(plan['layout'], full=False):<62} {plan['memory_gb_per_gpu']:6.1f}GB "
+                     f"{plan['estimated_step_time_s']:7.3f}s {plan['estimated_mfu']:6.1%} {days}"
+                     + (f"  pp_layout={stages}" if stages else ""))
     lines.append("")
     if show_rejected:
         lines.append("rejected:")

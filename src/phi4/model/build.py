@@ -111,6 +111,7 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         tensor_model_parallel_size=topology.tp,
         pipeline_model_parallel_size=topology.pp,
         virtual_pipeline_model_parallel_size=topology.vp,
+        pipeline_model_parallel_layout=topology.pp_layout,  # None: the even split
         context_parallel_size=topology.cp,
         sequence_parallel=topology.sp,
         params_dtype=dtype,

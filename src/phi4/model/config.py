@@ -73,6 +73,9 @@ class TopologyConfig:
     recompute: str = "none"
     # TE's TP communication overlap (phi4.model.tp_overlap): null = where it can run, true, false.
     tp_comm_overlap: Optional[bool] = None
+    # Uneven pipeline stages (Megatron-Core's pipeline_model_parallel_layout, phi4.model.pipeline_layout):
+    # e.g. "Et*9|t*10|t*10|t*11,L"; null = model.num_layers split evenly over pp x vp stages.
+    pp_layout: Optional[str] = None
 
     @property
     def world_size(self) -> Optional[int]:

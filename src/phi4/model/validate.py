@@ -10,6 +10,7 @@ from typing import Optional
 
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.pipeline_layout import parse as parse_layout
 
 BACKENDS = ("local", "te")
 DTYPES = ("fp32", "bf16")
@@ -75,12 +76,15 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
         if topology.pp < 2:
             raise ConfigError(f"topology.vp={topology.vp} needs topology.pp >= 2 (got topology.pp={topology.pp})")
     stages = topology.pp * (topology.vp or 1)
-    if model.num_layers % stages:
+    if topology.pp_layout:
+        parse_layout(model, topology)  # uneven stages, checked by name
+    elif model.num_layers % stages:
         valid = [p for p in _divisors(model.num_layers) if model.num_layers % (p * (topology.vp or 1)) == 0]
         raise ConfigError(
             f"model.num_layers={model.num_layers} does not split into topology.pp={topology.pp} x "
             f"topology.vp={topology.vp} = {stages} equal pipeline stages; "
-            f"valid topology.pp with this vp: {_listing(valid) or 'none (change topology.vp)'}"
+            f"valid topology.pp with this vp: {_listing(valid) or 'none (change topology.vp)'}, or uneven "
+            f"stages in topology.pp_layout"
         )
     if topology.cp > 1 and model.backend != "te":
         raise ConfigError(

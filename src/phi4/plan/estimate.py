@@ -190,7 +190,7 @@ def estimate(spec: PlanSpec, hw: HardwareConfig, mfu: Optional[float] = None, me
     steps = spec.total_steps
     gb = 1e9
     return dict(
-        layout=dict(tp=t.tp, pp=t.pp, vp=t.vp, cp=t.cp, dp=spec.dp, sp=t.sp, recompute=t.recompute,
+        layout=dict(tp=t.tp, pp=t.pp, vp=t.vp, cp=t.cp, dp=spec.dp, sp=t.sp, recompute=t.recompute, pp_layout=t.pp_layout,
                     micro_batch_size=spec.micro_batch_size, global_batch_size=spec.global_batch_size,
                     micro_batches=m, seq_length=spec.seq_length, gpus=spec.world_size,
                     dtype=spec.precision.dtype, fp8=spec.precision.fp8 is not None, hardware=hw.name),

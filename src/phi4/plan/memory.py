@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from phi4.model.pipeline_layout import stage_layers
 from phi4.plan.spec import PlanSpec
 
 _PARAM_ALIGN = 64
@@ -45,11 +46,9 @@ def _round_up(value: int, multiple: int) -> int:
 
 def chunk_layers(spec: PlanSpec, pp_rank: int, vp_stage: int) -> range:
     """The decoder layers of one model chunk: chunk c = vp_stage x PP + pp_rank holds the c-th
-    run of L / (PP x VP) layers (Megatron-Core's interleaved assignment)."""
-    t = spec.topology
-    per_chunk = spec.model.num_layers // (t.pp * (t.vp or 1))
-    first = (vp_stage * t.pp + pp_rank) * per_chunk
-    return range(first, first + per_chunk)
+    run of L / (PP x VP) layers (Megatron-Core's interleaved assignment), or the c-th stage of
+    topology.pp_layout."""
+    return stage_layers(spec.model, spec.topology)[pp_rank][vp_stage]
 
 
 def chunk_param_numels(spec: PlanSpec, pp_rank: int, vp_stage: int) -> list[int]:
@@ -291,7 +290,8 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
     h, f = m.hidden_size, m.ffn_hidden_size
     vocab = m.padded_vocab_size(tp) // tp
     chunks = t.vp or 1
-    layers_per_chunk = m.num_layers // (t.pp * chunks)
+    # this rank's layers per chunk (uneven stages: their mean over its chunks)
+    layers_per_chunk = sum(len(chunk_layers(spec, pp_rank, v)) for v in range(chunks)) / chunks
     flight = in_flight(spec, pp_rank)
 
     fused = not gloo

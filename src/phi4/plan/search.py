@@ -13,6 +13,7 @@ import dataclasses
 from typing import Iterable, Optional
 
 from phi4.errors import ConfigError
+from phi4.model.pipeline_layout import lighter_last
 from phi4.model.validate import check_run, check_sequence_length, valid_tp_sizes
 from phi4.plan.estimate import estimate
 from phi4.plan.spec import PlanSpec
@@ -51,16 +52,25 @@ def candidates(spec: PlanSpec, hw: HardwareConfig, micro_batch_sizes: Iterable[i
     for tp in tps:
         for pp in pps:
             for vp in [None, 2, 3, 4, 5] if pp > 1 else [None]:
-                for cp in cps:
-                    for mbs in micro_batch_sizes:
-                        for recompute in recomputes:
-                            topology = dataclasses.replace(spec.topology, tp=tp, pp=pp, vp=vp, cp=cp, sp=tp > 1,
-                                                           recompute=recompute)
-                            yield dataclasses.replace(spec, topology=topology, micro_batch_size=mbs)
+                for layout in _layouts(m, pp, vp):
+                    for cp in cps:
+                        for mbs in micro_batch_sizes:
+                            for recompute in recomputes:
+                                topology = dataclasses.replace(spec.topology, tp=tp, pp=pp, vp=vp, cp=cp, sp=tp > 1,
+                                                               recompute=recompute, pp_layout=layout)
+                                yield dataclasses.replace(spec, topology=topology, micro_batch_size=mbs)
+
+
+def _layouts(model, pp: int, vp: Optional[int]) -> list[Optional[str]]:
+    """The even split (None), and with PP a last stage lighter by the output layer's share
+    (phi4.model.pipeline_layout.lighter_last), where there is one."""
+    uneven = lighter_last(model, pp, vp or 1) if pp > 1 else None
+    return [None] + ([uneven] if uneven else [])
 
 
 _KINDS = (("topology.tp=", "tensor parallel size does not divide the model"),
           ("model.num_layers=", "layers do not split into pp x vp stages"),
+          ("topology.pp_layout=", "the pipeline layout does not fit the model or pp x vp"),
           ("processes do not divide", "tp x pp x cp does not divide the device count"),
           ("devices do not divide", "tp x pp x cp does not divide the device count"),
           ("topology.cp=", "context parallel needs the te backend"),
@@ -75,7 +85,7 @@ def _kind(reason: str) -> str:
 def describe(spec: PlanSpec) -> dict:
     t = spec.topology
     return dict(tp=t.tp, pp=t.pp, vp=t.vp, cp=t.cp, dp=spec.dp if spec.world_size % t.model_parallel_size == 0 else None,
-                sp=t.sp, micro_batch_size=spec.micro_batch_size, recompute=t.recompute)
+                sp=t.sp, micro_batch_size=spec.micro_batch_size, recompute=t.recompute, pp_layout=t.pp_layout)
 
 
 def search(spec: PlanSpec, hw: HardwareConfig, micro_batch_sizes=(1, 2, 4),
