@@ -43,6 +43,10 @@ def test_phi4_tp_must_divide_the_ten_query_groups():
         (TopologyConfig(pp=2, pp_layout="Et*20,L|t*20"), r"the loss L must come once, last in the last stage"),
         (TopologyConfig(pp=2, pp_layout="Et*20|t*19,m,L"), r"unknown layer character\(s\) m; valid: one run of E"),
         (TopologyConfig(pp=1, pp_layout="Et*40,L"), r"needs topology.pp >= 2"),
+        (TopologyConfig(recompute_layers=2), r"topology.recompute_layers=2 needs topology.recompute=full \(got none\)"),
+        (TopologyConfig(pp=4, recompute="full", recompute_layers=11),
+         r"topology.recompute_layers=11: the first N layers of each pipeline stage; valid: 1 to 10"),
+        (TopologyConfig(recompute="full", recompute_layers=0), r"topology.recompute_layers=0: .*valid: 1 to 40"),
     ],
 )
 def test_bad_topology_names_the_setting(topology, pattern):

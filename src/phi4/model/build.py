@@ -18,7 +18,7 @@ from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
+from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig, cross_entropy_impl
 from phi4.model.spec import phi4_block_spec
 from phi4.model.tp_overlap import tp_comm_overlap_on
 from phi4.runtime import device
@@ -61,7 +61,10 @@ def fusion_settings(backend: str, on_cpu: bool) -> dict:
     - bias_activation_fusion: the fused SwiGLU (bias_swiglu_impl), which keeps only FC1's output
       for the backward (phi4.plan.memory counts one activation less);
     - bias_dropout_fusion: the fused dropout-add (no bias here);
-    - cross_entropy_loss_fusion: Megatron-Core's native fused vocab-parallel cross entropy;
+    - cross_entropy_loss_fusion: a fused vocab-parallel cross entropy; on the te backend Transformer
+      Engine's (cross_entropy_fusion_impl="te", as Megatron-Bridge's performance recipes set it:
+      perf_recipes/_common.py, _benchmark_common), which works on the bf16 logits in place where
+      Megatron-Core's native one makes an fp32 copy of them (local backend: native);
     - apply_rope_fusion: TE's fused RoPE (te backend: it needs Transformer Engine);
     - gradient_accumulation_fusion: where apex's extension exists (wgrad_fusion_available).
     Left off: masked_softmax_fusion (the local spec's fused softmax is a Megatron extension build;
@@ -73,13 +76,17 @@ def fusion_settings(backend: str, on_cpu: bool) -> dict:
     return dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
                 apply_rope_fusion=backend == "te", persist_layer_norm=False,
                 gradient_accumulation_fusion=wgrad_fusion_available(), cross_entropy_loss_fusion=True,
-                cross_entropy_fusion_impl="native")
+                cross_entropy_fusion_impl=cross_entropy_impl(backend, on_cpu))
 
 
-def _recompute_settings(recompute: str) -> dict:
-    if recompute == "selective":  # Megatron-Core's default selective set: core attention
+def _recompute_settings(topology: TopologyConfig) -> dict:
+    if topology.recompute == "selective":  # Megatron-Core's default selective set: core attention
         return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    if recompute == "full":  # every layer: keep its input, recompute the layer in the backward
+    if topology.recompute == "full" and topology.recompute_layers:
+        # the first N layers of each stage keep only their input (Megatron-Bridge's H100 FP8 Llama3-8B
+        # recipe: recompute_method=block, recompute_num_layers=5)
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=topology.recompute_layers)
+    if topology.recompute == "full":  # every layer: keep its input, recompute the layer in the backward
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return {}
 
@@ -132,7 +139,7 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         deallocate_pipeline_outputs=True,
         # TE's userbuffer overlap of the sequence-parallel all-gather/reduce-scatter with the GEMMs
         tp_comm_overlap=tp_comm_overlap_on(topology, model.backend, on_cuda=not on_cpu),
-        **_recompute_settings(topology.recompute),
+        **_recompute_settings(topology),
         **_fp8_settings(precision),
     )
 

@@ -71,6 +71,9 @@ class TopologyConfig:
     # Activation recomputation: none; selective (core attention recomputed in the backward
     # pass); full (every layer keeps only its input and recomputes the rest).
     recompute: str = "none"
+    # With recompute=full: only the first N layers of each pipeline stage (Megatron-Core's block
+    # method, recompute_num_layers=N), the rest keep their activations; null: every layer.
+    recompute_layers: Optional[int] = None
     # TE's TP communication overlap (phi4.model.tp_overlap): null = where it can run, true, false.
     tp_comm_overlap: Optional[bool] = None
     # Uneven pipeline stages (Megatron-Core's pipeline_model_parallel_layout, phi4.model.pipeline_layout):
@@ -125,3 +128,12 @@ class PrecisionConfig:
         if values.get("fp8") is not None and not isinstance(values["fp8"], FP8Config):
             values["fp8"] = FP8Config.from_dict(values["fp8"])
         return settings_from_dict(cls, "precision", values)
+
+
+def cross_entropy_impl(backend: str, on_cpu: bool) -> str:
+    """The loss kernel phi4-train uses (phi4.model.build.fusion_settings; phi4-plan counts its
+    memory and bytes): te, Transformer Engine's, on the bf16 logits in place; native,
+    Megatron-Core's fused one, on an fp32 copy; unfused on the CPU."""
+    if on_cpu:
+        return "unfused"
+    return "te" if backend == "te" else "native"

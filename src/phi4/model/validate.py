@@ -10,7 +10,7 @@ from typing import Optional
 
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
-from phi4.model.pipeline_layout import parse as parse_layout
+from phi4.model.pipeline_layout import parse as parse_layout, stage_layers
 
 BACKENDS = ("local", "te")
 DTYPES = ("fp32", "bf16")
@@ -93,6 +93,16 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
         )
     if topology.recompute not in RECOMPUTE:
         raise ConfigError(f"topology.recompute={topology.recompute!r}; valid: {_listing(RECOMPUTE)}")
+    if topology.recompute_layers is not None:
+        most = max(len(r) for rank in stage_layers(model, topology) for r in rank)
+        if topology.recompute != "full":
+            raise ConfigError(
+                f"topology.recompute_layers={topology.recompute_layers} needs topology.recompute=full (got "
+                f"{topology.recompute}); valid: null")
+        if not 1 <= topology.recompute_layers <= most:
+            raise ConfigError(
+                f"topology.recompute_layers={topology.recompute_layers}: the first N layers of each pipeline stage; "
+                f"valid: 1 to {most} (a stage's layers), or null for every layer")
     if topology.tp_comm_overlap and (topology.tp < 2 or not topology.sp or model.backend != "te"):
         raise ConfigError(
             f"topology.tp_comm_overlap=true needs topology.tp > 1, topology.sp=true and model.backend=te (got "

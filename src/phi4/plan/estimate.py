@@ -51,7 +51,7 @@ def _tp_overlapped(spec: PlanSpec, hw: HardwareConfig) -> bool:
     return tp_comm_overlap_on(spec.topology, spec.model.backend, on_cuda=hw.collectives != "gloo")
 
 
-def _layer_tp(spec: PlanSpec, hw: HardwareConfig, gemms: dict) -> dict:
+def _layer_tp(spec: PlanSpec, hw: HardwareConfig, gemms: dict, recompute: str) -> dict:
     """One layer's tensor-parallel traffic per micro-batch on one device, and what of it is exposed."""
     t = spec.topology
     if t.tp == 1:
@@ -60,11 +60,11 @@ def _layer_tp(spec: PlanSpec, hw: HardwareConfig, gemms: dict) -> dict:
     one = (t.tp - 1) / t.tp * timing.tokens(spec) * spec.model.hidden_size * memory.dtype_bytes(spec)
     if not t.sp:  # all-reduces: after proj and fc2 forward; of qkv's and fc1's dgrad, under their wgrads
         pairs = [("proj_fprop", False), ("fc2_fprop", False), ("qkv_wgrad", True), ("fc1_wgrad", True)]
-        pairs += pairs[:2] if t.recompute == "full" else []
+        pairs += pairs[:2] if recompute == "full" else []
         one *= 2
         ub = False
     else:
-        pairs = _TP_FORWARD + _TP_BACKWARD + (_TP_FORWARD if t.recompute == "full" else [])
+        pairs = _TP_FORWARD + _TP_BACKWARD + (_TP_FORWARD if recompute == "full" else [])
         ub = _tp_overlapped(spec, hw)
     seconds = one / bw
     exposed = sum(max(0.0, seconds - gemms[name]) if (ub or hidden) else seconds for name, hidden in pairs)
@@ -80,15 +80,19 @@ def _rank_compute(spec: PlanSpec, hw: HardwareConfig, pp_rank: int) -> dict:
     flops = 0.0
     parts = dict(gemm=0.0, attention=0.0, elementwise=0.0, embedding=0.0, output_and_loss=0.0)
     tp = dict(bytes=0.0, seconds=0.0, exposed=0.0)
+    # the share of this rank's layers that recompute (topology.recompute_layers: some of them)
+    share = memory.recomputed_layers(spec, pp_rank) / layers if t.recompute == "full" and layers else None
     for fp8, count in ((True, in_fp8), (False, layers - in_fp8)):
         if not count:
             continue
-        layer = timing.layer_seconds(spec, hw, fp8, ub)
-        flops += count * layer["flops"]
-        for key in ("gemm", "attention", "elementwise"):
-            parts[key] += count * layer[key]
-        for key, value in _layer_tp(spec, hw, layer["gemms"]).items():
-            tp[key] += count * value
+        kinds = [(t.recompute, count)] if share is None else [("full", count * share), ("none", count * (1 - share))]
+        for recompute, n in kinds:
+            layer = timing.layer_seconds(spec, hw, fp8, ub, recompute)
+            flops += n * layer["flops"]
+            for key in ("gemm", "attention", "elementwise"):
+                parts[key] += n * layer[key]
+            for key, value in _layer_tp(spec, hw, layer["gemms"], recompute).items():
+                tp[key] += n * value
     if pp_rank == 0:
         parts["embedding"] = timing.embedding_seconds(spec, hw)
     if pp_rank == t.pp - 1:

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from phi4.model.config import cross_entropy_impl
 from phi4.model.pipeline_layout import stage_layers
 from phi4.plan.spec import PlanSpec
 
@@ -259,6 +260,22 @@ def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None, fuse
     return 2 * norm + qkv_in + rope + attention + proj_in + fc1_in + mlp
 
 
+def loss_kernel(spec: PlanSpec, gloo: bool = False) -> str:
+    """The cross-entropy kernel the plan counts: the spec's, else phi4-train's for its backend."""
+    return spec.cross_entropy or cross_entropy_impl(spec.model.backend, on_cpu=gloo)
+
+
+def recomputed_layers(spec: PlanSpec, pp_rank: int) -> int:
+    """Layers of this pipeline rank (all its chunks) that recompute their forward in the backward:
+    every one under recompute=full, the first topology.recompute_layers of each chunk with it set
+    (Megatron-Core's block method), none otherwise."""
+    t = spec.topology
+    if t.recompute != "full":
+        return 0
+    sizes = [len(chunk_layers(spec, pp_rank, v)) for v in range(t.vp or 1)]
+    return sum(min(n, t.recompute_layers) if t.recompute_layers else n for n in sizes)
+
+
 def in_flight(spec: PlanSpec, pp_rank: int) -> int:
     """Micro-batches (times virtual stages) whose activations this pipeline rank holds at its
     peak: 1F1B warms up PP - rank - 1 micro-batches; the interleaved schedule
@@ -290,12 +307,16 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
     h, f = m.hidden_size, m.ffn_hidden_size
     vocab = m.padded_vocab_size(tp) // tp
     chunks = t.vp or 1
-    # this rank's layers per chunk (uneven stages: their mean over its chunks)
+    # this rank's layers per chunk (uneven stages: their mean over its chunks), and how many of them
+    # recompute (topology.recompute_layers: the first N of each chunk)
     layers_per_chunk = sum(len(chunk_layers(spec, pp_rank, v)) for v in range(chunks)) / chunks
+    recomputed = recomputed_layers(spec, pp_rank) / chunks
     flight = in_flight(spec, pp_rank)
 
     fused = not gloo
-    per_chunk = layers_per_chunk * layer_activation_bytes(spec, fused=fused)
+    kept = "none" if t.recompute == "full" else t.recompute
+    per_chunk = (recomputed * layer_activation_bytes(spec, recompute="full", fused=fused)
+                 + (layers_per_chunk - recomputed) * layer_activation_bytes(spec, recompute=kept, fused=fused))
     if pp_rank > 0 or chunks > 1:
         per_chunk += T * h * e / d  # the received input of a non-first stage, kept for backward
     stored = flight * per_chunk
@@ -313,18 +334,24 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
         attention_backward = probs * (2 if t.recompute == "selective" else 1)
     layer = max(mlp_backward, attention_backward)
     if t.recompute == "full":  # plus the recomputed layer's own activations
-        layer += layer_activation_bytes(spec, recompute="none", fused=fused)
+        recomputing = layer + layer_activation_bytes(spec, recompute="none", fused=fused)
+        # recompute_layers: the recomputed layers are a chunk's first, which its backward reaches
+        # after it has freed the micro-batch's other layers
+        freed = (layers_per_chunk - recomputed) * layer_activation_bytes(spec, recompute=kept, fused=fused)
+        layer = max(layer, recomputing - freed) if freed else recomputing
     peak = stored + layer
     if pp_rank == 0:
         # the embedding's dense weight gradient, after the rest of its micro-batch was freed;
         peak = max(peak, stored - per_chunk + vocab * h * e + T * h * e)
     if pp_rank == t.pp - 1:
         # the loss: the logits in dtype and in fp32 (the softmax is computed in place), then in
-        # the backward the fp32 gradient and its cast back, then the output layer's weight gradient.
+        # the backward the fp32 gradient and its cast back, then the output layer's weight gradient;
+        # Transformer Engine's kernel keeps no fp32 copy (its gradient replaces the logits).
         logits = T * vocab
         cast = e if e != 4 else 0
-        forward = logits * (4 + cast)
-        backward = max(logits * (4 + cast), logits * e + vocab * h * e)
+        wide = 0 if loss_kernel(spec, gloo) == "te" else 4
+        forward = logits * (wide + cast) if wide else logits * e
+        backward = max(logits * (wide + cast) if wide else logits * e, logits * e + vocab * h * e)
         peak = max(peak, stored + forward, stored + backward)
     if gloo:  # the gradient sync after the last backward: one bucket's copy
         largest = max(b_end - b_start for vp_stage in range(chunks)

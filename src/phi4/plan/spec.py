@@ -25,6 +25,7 @@ class PlanSpec:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     grad_reduce_in_fp32: bool = True  # train.grad_reduce_in_fp32: gradient buffers in fp32, else in the weights' dtype
+    cross_entropy: Optional[str] = None  # the loss kernel: te, native, unfused; None: phi4-train's (cross_entropy_impl)
     token_budget: Optional[float] = None  # tokens of the stage (days are reported when known)
     steps: Optional[int] = None
 

@@ -172,13 +172,15 @@ def layer_elementwise_bytes(spec: PlanSpec, fp8: bool) -> dict:
 
 
 def output_layer_seconds(spec: PlanSpec, hw: HardwareConfig) -> float:
-    """The last stage's output layer (three bf16 GEMMs) and the loss: the fused cross entropy reads
-    the logits and writes their gradient in place, in a few fp32 passes (20 bytes a logit)."""
+    """The last stage's output layer (three bf16 GEMMs) and the loss: Megatron-Core's cross entropy
+    passes over an fp32 copy of the logits a few times (20 bytes a logit); Transformer Engine's reads
+    the bf16 logits and writes their gradient over them, once forward and once backward (8)."""
     m, tp = spec.model, spec.topology.tp
     T, h, vocab = tokens(spec), m.hidden_size, m.padded_vocab_size(tp) // tp
     gemms = [Gemm("out_fprop", T, vocab, h, False), Gemm("out_dgrad", T, h, vocab, False),
              Gemm("out_wgrad", vocab, h, T, False)]
-    loss = T * vocab * 20 / (hw.hbm_gb_s * 1e9)
+    per_logit = 8 if memory.loss_kernel(spec, gloo=hw.collectives == "gloo") == "te" else 20
+    loss = T * vocab * per_logit / (hw.hbm_gb_s * 1e9)
     return sum(gemm_seconds(g, hw) for g in gemms) + loss
 
 
@@ -197,10 +199,11 @@ def optimizer_seconds(spec: PlanSpec, hw: HardwareConfig, local_params: int) -> 
     return shard * (OPTIMIZER_BYTES + memory.grad_bytes(spec)) / (hw.hbm_gb_s * 1e9)
 
 
-def layer_seconds(spec: PlanSpec, hw: HardwareConfig, fp8: bool, ub_overlap: bool) -> dict:
+def layer_seconds(spec: PlanSpec, hw: HardwareConfig, fp8: bool, ub_overlap: bool, recompute: Optional[str] = None) -> dict:
     """One decoder layer, one micro-batch, one device: GEMMs, attention, memory-bound kernels, with
-    the recomputation topology.recompute asks for, split into forward and backward."""
+    `recompute` (topology.recompute by default), split into forward and backward."""
     t = spec.topology
+    recompute = recompute or t.recompute
     gemms = layer_gemms(spec, fp8)
     run = (lambda g: _ub_gemm_seconds(g, hw, t.tp)) if ub_overlap else (lambda g: gemm_seconds(g, hw))
     gemm_fwd = sum(run(g) for g in gemms if g.name.endswith("fprop"))
@@ -210,11 +213,19 @@ def layer_seconds(spec: PlanSpec, hw: HardwareConfig, fp8: bool, ub_overlap: boo
     bw = hw.hbm_gb_s * 1e9
     forward = gemm_fwd + attn["forward"] + mem["forward"] / bw
     backward = gemm_bwd + attn["backward"] + mem["backward"] / bw
-    if t.recompute == "full":  # the whole forward again before the backward
+    if recompute == "full":  # the whole forward again before the backward
         backward += forward
-    elif t.recompute == "selective":  # core attention's forward again
+    elif recompute == "selective":  # core attention's forward again
         backward += attn["forward"]
     return dict(forward=forward, backward=backward, total=forward + backward, gemm=gemm_fwd + gemm_bwd,
-                attention=attn["forward"] + attn["backward"] + (attn["forward"] if t.recompute != "none" else 0.0),
-                elementwise=(mem["forward"] + mem["backward"]) / bw, flops=sum(g.flops for g in gemms) + attn["flops"],
+                attention=attn["forward"] + attn["backward"] + (attn["forward"] if recompute != "none" else 0.0),
+                elementwise=(mem["forward"] + mem["backward"]) / bw, flops=_layer_flops(gemms, attn, recompute),
                 gemms={g.name: run(g) for g in gemms})
+
+
+def _layer_flops(gemms: list[Gemm], attn: dict, recompute: str) -> float:
+    """What the layer's kernels compute, recomputation included (the forward again under full; core
+    attention's forward again under selective)."""
+    forward = sum(g.flops for g in gemms if g.name.endswith("fprop")) + attn["flops"] / 3
+    extra = forward if recompute == "full" else attn["flops"] / 3 if recompute == "selective" else 0.0
+    return sum(g.flops for g in gemms) + attn["flops"] + extra
