@@ -374,25 +374,33 @@ def test_plan_meets_nvidias_measured_h100_throughput():
         assert abs(r["tokens_ratio"] - 1) <= 0.15 and r["fits"], (r["model"], r["tokens_ratio"], r["memory_gb"])
 
 
-def test_gemm_time_by_shape():
-    """phi4.plan.timing's GEMM: waves of 128 x 128 tiles over the SMs, TE's split accumulation in
-    the backward's FP8 GEMMs, and the SMs TE's TP overlap takes."""
-    from phi4.plan.timing import UB_COMM_SMS, Gemm, _ub_gemm_seconds, gemm_seconds
+def test_gemm_shapes_precisions_and_tp_overlap_pieces():
+    """phi4.plan.timing's GEMM model by its parts, not its seconds: waves of 128 x 128 output tiles
+    over the 132 SMs, TE's accumulation per GEMM (fast in FP8 fprop, split in dgrad and wgrad), and
+    the pieces TE's userbuffer overlap cuts each GEMM into, on the SMs its communication leaves
+    (transformer_engine/pytorch/module/base.py, get_default_config)."""
+    from phi4.plan.timing import UB_COMM_SMS, Gemm, gemm_efficiency, ub_pieces, waves
 
     hw = _h100()
     tiles = lambda a, b: Gemm("fc1_fprop", 128 * a, 128 * b, 8192, False)  # noqa: E731 (a x b tiles)
-    # one tile past a full wave of 132 costs a whole wave: 133 tiles take as long as 264
-    assert gemm_seconds(tiles(7, 19), hw) == pytest.approx(gemm_seconds(tiles(12, 22), hw))
-    assert gemm_seconds(tiles(11, 12), hw) == pytest.approx(gemm_seconds(tiles(12, 22), hw) / 2)
-    fprop, dgrad = Gemm("fc1_fprop", 8192, 8192, 8192, True), Gemm("fc1_dgrad", 8192, 8192, 8192, True)
-    assert gemm_seconds(dgrad, hw) / gemm_seconds(fprop, hw) == pytest.approx(
-        hw.gemm_efficiency_fp8 / hw.gemm_efficiency_fp8_split)
-    bf16 = Gemm("fc1_fprop", 8192, 8192, 8192, False)
-    assert gemm_seconds(bf16, hw) > gemm_seconds(fprop, hw)
-    # under TE's overlap, fc1's dgrad shares the SMs with its bulk all-gather
-    assert _ub_gemm_seconds(dgrad, hw, 2) == pytest.approx(
-        gemm_seconds(Gemm("fc1_dgrad", 8192, 8192, 8192, True), hw, hw.sm_count - UB_COMM_SMS))
-    assert _ub_gemm_seconds(dgrad, hw, 2) > gemm_seconds(dgrad, hw)
+    assert [waves(tiles(11, 12), 132), waves(tiles(7, 19), 132), waves(tiles(12, 22), 132)] == [1, 2, 2]
+    assert waves(Gemm("fc1_fprop", 129, 128, 64, False), 132) == 1  # a partial tile is a whole one
+    assert waves(tiles(11, 12), 132 - UB_COMM_SMS) == 2  # 132 tiles on the 116 SMs TE's overlap leaves
+    shape = dict(m=8192, n=8192, k=8192)
+    assert gemm_efficiency(Gemm("qkv_fprop", fp8=True, **shape), hw) == hw.gemm_efficiency_fp8
+    assert gemm_efficiency(Gemm("qkv_dgrad", fp8=True, **shape), hw) == hw.gemm_efficiency_fp8_split
+    assert gemm_efficiency(Gemm("fc2_wgrad", fp8=True, **shape), hw) == hw.gemm_efficiency_fp8_split
+    assert gemm_efficiency(Gemm("fc2_wgrad", fp8=False, **shape), hw) == hw.gemm_efficiency_bf16
+    pieces = {name: ub_pieces(Gemm(name, fp8=True, **shape), hw, 4) for name in
+              ("qkv_fprop", "proj_dgrad", "proj_fprop", "fc1_dgrad", "fc2_wgrad")}
+    as_rows = {name: (piece.m, count, sms) for name, (piece, count, sms) in pieces.items()}
+    assert as_rows == {
+        "qkv_fprop": (8192 // 4, 4, 132),   # ring exchange: one TP step of rows at a time, copy engines
+        "proj_dgrad": (8192 // 4, 4, 132),
+        "proj_fprop": (8192 // 4, 4, 116),  # pipelined reduce-scatter: 4 chunks beside 16 comm SMs
+        "fc1_dgrad": (8192, 1, 116),        # bulk all-gather beside it
+        "fc2_wgrad": (8192, 1, 132),        # not overlapped
+    }
 
 
 def test_search_lists_only_layouts_the_trainer_accepts(capsys):

@@ -88,7 +88,8 @@ def lighter_last(model: ModelConfig, pp: int, vp: int) -> Optional[str]:
     """A layout whose last stage, which also runs the output layer and the loss, holds k fewer
     layers than the even split (k below; at least 1; Phi-4 at PP 2: 1). Those k layers go to the
     earliest stages of the other ranks, and where the layers do not divide evenly the extra ones to
-    the earliest stages. None where the last stage would be left with none."""
+    the earliest stages; the last stage may be left with the loss alone. None where it has no layer
+    to give or there are too few other stages to take them."""
     stages = pp * vp
     counts = [model.num_layers // stages + (1 if i < model.num_layers % stages else 0) for i in range(stages)]
     # the last rank runs w = the output layer's weights in layers' more than the others; moving k
@@ -101,10 +102,10 @@ def lighter_last(model: ModelConfig, pp: int, vp: int) -> Optional[str]:
     counts[-1] -= k
     for i in targets:
         counts[i] += 1
-    return format_layout(counts)
+    return _format(counts)
 
 
-def format_layout(counts: list[int]) -> str:
+def _format(counts: list[int]) -> str:
     """The layout string of these decoder layers per stage, the embedding first, the loss last."""
     parts = [("E" if i == 0 else "") + (f"t*{c}" if c else "") + (",L" if i == len(counts) - 1 else "")
              for i, c in enumerate(counts)]

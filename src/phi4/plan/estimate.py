@@ -76,7 +76,7 @@ def _rank_compute(spec: PlanSpec, hw: HardwareConfig, pp_rank: int) -> dict:
     tensor- and context-parallel communication."""
     t = spec.topology
     layers, in_fp8 = memory.fp8_layers(spec, pp_rank)
-    ub = t.tp > 1 and t.sp and _tp_overlapped(spec, hw)
+    ub = _tp_overlapped(spec, hw)  # TP > 1 with SP (check_topology refuses it otherwise)
     flops = 0.0
     parts = dict(gemm=0.0, attention=0.0, elementwise=0.0, embedding=0.0, output_and_loss=0.0)
     tp = dict(bytes=0.0, seconds=0.0, exposed=0.0)

@@ -349,10 +349,8 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
         # Transformer Engine's kernel keeps no fp32 copy (its gradient replaces the logits).
         logits = T * vocab
         cast = e if e != 4 else 0
-        wide = 0 if loss_kernel(spec, gloo) == "te" else 4
-        forward = logits * (wide + cast) if wide else logits * e
-        backward = max(logits * (wide + cast) if wide else logits * e, logits * e + vocab * h * e)
-        peak = max(peak, stored + forward, stored + backward)
+        held = logits * e if loss_kernel(spec, gloo) == "te" else logits * (4 + cast)
+        peak = max(peak, stored + held, stored + logits * e + vocab * h * e)
     if gloo:  # the gradient sync after the last backward: one bucket's copy
         largest = max(b_end - b_start for vp_stage in range(chunks)
                       for b_start, b_end in chunk_buffer(spec, pp_rank, vp_stage).buckets)

@@ -59,19 +59,27 @@ class Gemm:
         return 2.0 * self.m * self.n * self.k
 
 
-def gemm_seconds(g: Gemm, hw: HardwareConfig, sms: Optional[int] = None) -> float:
-    """One GEMM on `sms` SMs (all of them by default)."""
-    sms = hw.sm_count if sms is None else sms
-    peak = (hw.peak_tflops_fp8 if g.fp8 else hw.peak_tflops_bf16) * 1e12 * sms / hw.sm_count * hw.sustained_clock
+def gemm_efficiency(g: Gemm, hw: HardwareConfig) -> float:
+    """A large GEMM's achieved fraction of peak in its precision: FP8 fprop accumulates fast, TE's
+    dgrad and wgrad in split (promoted) fp32 (_2X_ACC_DGRAD/WGRAD)."""
     if not g.fp8:
-        eff = hw.gemm_efficiency_bf16
-    else:  # TE accumulates the backward's FP8 GEMMs in split (promoted) fp32 (_2X_ACC_DGRAD/WGRAD)
-        eff = hw.gemm_efficiency_fp8 if g.name.endswith("fprop") else hw.gemm_efficiency_fp8_split
-    tiles = math.ceil(g.m / TILE[0]) * math.ceil(g.n / TILE[1])
-    waves = math.ceil(tiles / int(sms))
-    wave_use = g.m * g.n / (waves * int(sms) * TILE[0] * TILE[1])
+        return hw.gemm_efficiency_bf16
+    return hw.gemm_efficiency_fp8 if g.name.endswith("fprop") else hw.gemm_efficiency_fp8_split
+
+
+def waves(g: Gemm, sms: int) -> int:
+    """How many rounds of 128 x 128 output tiles the GEMM's SMs run."""
+    return math.ceil(math.ceil(g.m / TILE[0]) * math.ceil(g.n / TILE[1]) / sms)
+
+
+def gemm_seconds(g: Gemm, hw: HardwareConfig, sms: Optional[int] = None) -> float:
+    """One GEMM on `sms` SMs (all of them by default): its FLOPs at the achieved rate on the tiles
+    its waves could hold, or its bytes over HBM, whichever is longer."""
+    sms = hw.sm_count if sms is None else sms
+    per_sm = (hw.peak_tflops_fp8 if g.fp8 else hw.peak_tflops_bf16) * 1e12 / hw.sm_count * hw.sustained_clock
+    capacity = waves(g, sms) * sms * TILE[0] * TILE[1]  # output elements its waves could compute
     k_use = g.k / (g.k + hw.gemm_k_overhead)
-    compute = g.flops / (peak * eff * wave_use * k_use)
+    compute = 2.0 * capacity * g.k / (per_sm * sms * gemm_efficiency(g, hw) * k_use)
     operand = 1 if g.fp8 else 2
     traffic = ((g.m + g.n) * g.k * operand + g.m * g.n * 2) / (hw.hbm_gb_s * 1e9)
     return max(compute, traffic)
@@ -96,18 +104,21 @@ def layer_gemms(spec: PlanSpec, fp8: bool) -> list[Gemm]:
     return out
 
 
-def _ub_gemm_seconds(g: Gemm, hw: HardwareConfig, tp: int) -> float:
-    """A GEMM as TE's userbuffer overlap runs it: in TP ring steps, or on the SMs its
-    communication leaves."""
+def ub_pieces(g: Gemm, hw: HardwareConfig, tp: int) -> tuple[Gemm, int, int]:
+    """(the piece, how many, on how many SMs): a GEMM as TE's userbuffer overlap runs it, in TP
+    ring steps on every SM, in 4 pipelined chunks or whole on the SMs its communication leaves."""
     if g.name in UB_RING:
-        step = Gemm(g.name, g.m // tp, g.n, g.k, g.fp8)
-        return tp * gemm_seconds(step, hw)
+        return Gemm(g.name, g.m // tp, g.n, g.k, g.fp8), tp, hw.sm_count
     if g.name in ("proj_fprop", "fc2_fprop"):
-        chunk = Gemm(g.name, g.m // UB_PIPELINE_SPLITS, g.n, g.k, g.fp8)
-        return UB_PIPELINE_SPLITS * gemm_seconds(chunk, hw, hw.sm_count - UB_COMM_SMS)
+        return Gemm(g.name, g.m // UB_PIPELINE_SPLITS, g.n, g.k, g.fp8), UB_PIPELINE_SPLITS, hw.sm_count - UB_COMM_SMS
     if g.name in UB_SM_SHARED:
-        return gemm_seconds(g, hw, hw.sm_count - UB_COMM_SMS)
-    return gemm_seconds(g, hw)
+        return g, 1, hw.sm_count - UB_COMM_SMS
+    return g, 1, hw.sm_count
+
+
+def _ub_gemm_seconds(g: Gemm, hw: HardwareConfig, tp: int) -> float:
+    piece, count, sms = ub_pieces(g, hw, tp)
+    return count * gemm_seconds(piece, hw, sms)
 
 
 def attention_seconds(spec: PlanSpec, hw: HardwareConfig) -> dict:
@@ -200,27 +211,22 @@ def optimizer_seconds(spec: PlanSpec, hw: HardwareConfig, local_params: int) -> 
 
 
 def layer_seconds(spec: PlanSpec, hw: HardwareConfig, fp8: bool, ub_overlap: bool, recompute: Optional[str] = None) -> dict:
-    """One decoder layer, one micro-batch, one device: GEMMs, attention, memory-bound kernels, with
-    `recompute` (topology.recompute by default), split into forward and backward."""
-    t = spec.topology
-    recompute = recompute or t.recompute
+    """One decoder layer, one micro-batch, one device: seconds of its GEMMs, attention and
+    memory-bound kernels with `recompute` (topology.recompute by default: full runs the forward
+    again, selective core attention's forward), its FLOPs, and each GEMM's seconds."""
+    recompute = recompute or spec.topology.recompute
     gemms = layer_gemms(spec, fp8)
-    run = (lambda g: _ub_gemm_seconds(g, hw, t.tp)) if ub_overlap else (lambda g: gemm_seconds(g, hw))
-    gemm_fwd = sum(run(g) for g in gemms if g.name.endswith("fprop"))
-    gemm_bwd = sum(run(g) for g in gemms if not g.name.endswith("fprop"))
+    run = (lambda g: _ub_gemm_seconds(g, hw, spec.topology.tp)) if ub_overlap else (lambda g: gemm_seconds(g, hw))
+    seconds = {g.name: run(g) for g in gemms}
+    forward_gemm = sum(v for name, v in seconds.items() if name.endswith("fprop"))
     attn = attention_seconds(spec, hw)
     mem = layer_elementwise_bytes(spec, fp8)
     bw = hw.hbm_gb_s * 1e9
-    forward = gemm_fwd + attn["forward"] + mem["forward"] / bw
-    backward = gemm_bwd + attn["backward"] + mem["backward"] / bw
-    if recompute == "full":  # the whole forward again before the backward
-        backward += forward
-    elif recompute == "selective":  # core attention's forward again
-        backward += attn["forward"]
-    return dict(forward=forward, backward=backward, total=forward + backward, gemm=gemm_fwd + gemm_bwd,
+    full = recompute == "full"
+    return dict(gemm=sum(seconds.values()) + (forward_gemm if full else 0.0),
                 attention=attn["forward"] + attn["backward"] + (attn["forward"] if recompute != "none" else 0.0),
-                elementwise=(mem["forward"] + mem["backward"]) / bw, flops=_layer_flops(gemms, attn, recompute),
-                gemms={g.name: run(g) for g in gemms})
+                elementwise=(mem["forward"] * (2 if full else 1) + mem["backward"]) / bw,
+                flops=_layer_flops(gemms, attn, recompute), gemms=seconds)
 
 
 def _layer_flops(gemms: list[Gemm], attn: dict, recompute: str) -> float:
