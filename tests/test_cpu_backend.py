@@ -1,5 +1,5 @@
 """The CPU backend: CUDA device arguments run on the CPU, and the RNG tracker's regions each
-draw from a generator of their own (MEGATRON_CPU.md)."""
+draw from a generator of their own (docs/cpu_backend.md, "CUDA assumptions")."""
 
 import logging
 
@@ -91,3 +91,103 @@ def test_rng_tracker_regions_are_independent():
     assert torch.equal(tp2[0]["data_parallel"], tp2[1]["data_parallel"])
     # Same seed, same streams: seeding again (as a launch does) reproduces the first draw.
     assert all(torch.equal(r["region_a"], r["region_a_again"]) for r in tp2)
+
+
+def _phi4_log() -> list[str]:
+    """The messages phi4's loggers log from now on, INFO and up."""
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logging.getLogger("phi4").addHandler(Keep())
+    logging.getLogger("phi4").setLevel(logging.INFO)
+    return messages
+
+
+def _cuda_factory_error() -> str | None:
+    try:
+        torch.zeros(1, device="cuda")
+    except (RuntimeError, AssertionError) as err:  # no GPU, or a torch without CUDA
+        return type(err).__name__
+    return None
+
+
+def activate_deactivate_activate():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from phi4.runtime import cpu
+
+    log = _phi4_log()
+    missing = object()
+    # Everything the backend may replace, watched whole: after deactivate() nothing differs.
+    owners = {"torch.cuda": torch.cuda, "torch.cuda.nvtx": torch.cuda.nvtx, "torch.cuda.random": torch.cuda.random,
+              "mcore_random": mcore_random}
+    before = {where: dict(vars(module)) for where, module in owners.items()}
+
+    def changed():
+        return sorted(f"{where}.{name}" for where, module in owners.items()
+                      for name in set(before[where]) | set(vars(module))
+                      if vars(module).get(name, missing) is not before[where].get(name, missing))
+
+    originals = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.Stream, torch.cuda.get_rng_state,
+                 torch.cuda.nvtx.range_push, mcore_random._lazy_call, mcore_random._CUDA_RNG_STATE_TRACKER)
+    error_before = _cuda_factory_error()
+    cpu.activate()
+    active = dict(changed=changed(), device=torch.zeros(1, device="cuda").device.type,
+                  tracker=type(mcore_random.get_cuda_rng_tracker()).__name__, modes=torch._C._len_torch_function_stack())
+    cpu.deactivate()
+    cpu.deactivate()  # a second time does nothing
+    after = dict(changed=changed(), active=cpu.is_active(), error=_cuda_factory_error(),
+                 modes=torch._C._len_torch_function_stack(),
+                 same=[a is b for a, b in zip(originals, (
+                     torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.Stream, torch.cuda.get_rng_state,
+                     torch.cuda.nvtx.range_push, mcore_random._lazy_call, mcore_random._CUDA_RNG_STATE_TRACKER))])
+    cpu.activate()  # again, as from the start
+    again = dict(active=cpu.is_active(), device=torch.zeros(1, device="cuda").device.type,
+                 current_device=torch.cuda.current_device(), changed=changed())
+    return dict(error_before=error_before, active=active, after=after, again=again, log=log)
+
+
+def test_deactivate_puts_back_what_activate_replaced(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    (r,) = run_ranks(activate_deactivate_activate, 1, timeout=120)
+    assert r["error_before"] is not None, "a CUDA tensor factory works here: this test needs a host without CUDA"
+    assert r["active"]["device"] == "cpu" and r["active"]["modes"] == 1
+    assert r["active"]["tracker"] == "CpuRNGStatesTracker"
+    for name in ("torch.cuda.current_device", "torch.cuda.Stream", "torch.cuda.nvtx.range_push",
+                 "torch.cuda.random.get_rng_state", "mcore_random._CUDA_RNG_STATE_TRACKER"):
+        assert name in r["active"]["changed"], r["active"]["changed"]
+    # Every attribute back as it was, the mode left, and CUDA tensor factories refused again.
+    assert r["after"]["changed"] == [], r["after"]["changed"]
+    assert all(r["after"]["same"]), r["after"]["same"]
+    assert r["after"]["modes"] == 0 and not r["after"]["active"]
+    assert r["after"]["error"] == r["error_before"]
+    assert r["again"]["active"] and r["again"]["device"] == "cpu" and r["again"]["current_device"] == 0
+    assert r["again"]["changed"] == r["active"]["changed"]
+    # The steps named once per activation, and the malloc setting with its value.
+    summaries = [m for m in r["log"] if m.startswith("CPU backend active")]
+    assert len(summaries) == 2, r["log"]
+    for step in ("replace_cuda_functions", "replace_rng_tracker", "end_children_with_this_process",
+                 "fork_checkpoint_writer_manager", "set_malloc_mmap_threshold", "enter_cuda_to_cpu_mode"):
+        assert step in summaries[0], summaries[0]
+    malloc = [m for m in r["log"] if "mmap threshold" in m]
+    assert malloc and "1 GiB" in malloc[0] and "MALLOC_MMAP_THRESHOLD_ unset" in malloc[0], r["log"]
+
+
+def malloc_log_line():
+    from phi4.runtime import cpu
+
+    log = _phi4_log()
+    cpu.activate()
+    return [m for m in log if "mmap threshold" in m]
+
+
+def test_the_environments_mmap_threshold_rules(monkeypatch):
+    """glibc reads MALLOC_MMAP_THRESHOLD_ as the process starts (the rank's does: it inherits it);
+    phi4 leaves it so and says so."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    (lines,) = run_ranks(malloc_log_line, 1, timeout=120)
+    assert len(lines) == 1, lines
+    assert "MALLOC_MMAP_THRESHOLD_=65536 (64 KiB)" in lines[0] and "1 GiB" not in lines[0], lines

@@ -1,10 +1,24 @@
 """The CPU backend: lets Megatron-Core run over gloo on a machine without CUDA.
 
-Megatron-Core assumes a GPU in a handful of places (see shared/MEGATRON_CPU.md): CUDA device
+Megatron-Core assumes a GPU in a handful of places (see docs/cpu_backend.md): CUDA device
 arguments in tensor factories, `Tensor.cuda()`, `torch.cuda` streams, events and synchronisation,
 parameter type checks against `torch.cuda.*Tensor`, and an RNG tracker that keeps CUDA generator
 states. `activate()` redirects each of them to the CPU. It refuses to run where CUDA exists, so a
 GPU run never passes through this module.
+
+`activate()` runs these steps in order (each a function below, named in its INFO line):
+
+1. `_replace_cuda_functions`: torch.cuda's device, stream, memory, NVTX and seeding functions
+   become CPU stand-ins (the originals kept).
+2. `_replace_rng_tracker`: Megatron-Core's RNG tracker becomes `CpuRNGStatesTracker` (the
+   originals kept).
+3. `_end_children_with_this_process`: processes forked from here end with this one.
+4. `_fork_checkpoint_writer_manager`: dist_checkpointing's writer-results Manager starts by fork.
+5. `_set_malloc_mmap_threshold`: glibc's mmap threshold 1 GiB, unless MALLOC_MMAP_THRESHOLD_ is
+   set (then the environment's value rules); one INFO line says which.
+6. `_enter_cuda_to_cpu_mode`: the TorchFunctionMode `_CudaToCpu` is entered, for the process.
+
+`deactivate()` undoes 6, 2 and 1; 3, 4 and 5 stay for the life of the process.
 """
 
 from __future__ import annotations
@@ -12,17 +26,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 
 import torch
 from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 from megatron.core.tensor_parallel import random as mcore_random
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 from phi4.runtime import signals
 
 log = logging.getLogger(__name__)
 
 _ACTIVE_MODE: "_CudaToCpu | None" = None
+
+# What the steps replaced, in order: (owner, attribute, original), original _MISSING for none.
+_REPLACED: list[tuple[object, str, object]] = []
+_MISSING = object()
 
 # What `Tensor.type()` reports for a CPU tensor, as Megatron-Core's optimizers expect of a GPU one.
 _CUDA_TYPE_NAMES = {
@@ -186,77 +205,161 @@ def is_active() -> bool:
     return _ACTIVE_MODE is not None
 
 
-# glibc's mallopt parameter for the size from which malloc maps memory of its own (M_MMAP_THRESHOLD).
+def _replace(owner, name: str, value) -> None:
+    """`owner.name = value`, the original kept for `deactivate()`."""
+    _REPLACED.append((owner, name, getattr(owner, name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def _replace_cuda_functions() -> None:
+    """torch.cuda's device, stream, memory, NVTX and seeding functions as CPU stand-ins: Megatron-Core uses them."""
+    cuda = torch.cuda
+    _replace(cuda, "current_device", _returns(0))
+    _replace(cuda, "set_device", _returns(None))
+    _replace(cuda, "synchronize", _returns(None))
+    _replace(cuda, "empty_cache", _returns(None))
+    _replace(cuda, "Stream", _NoStream)
+    _replace(cuda, "Event", _NoStream)
+    _replace(cuda, "current_stream", _returns(_NoStream))
+    _replace(cuda, "default_stream", _returns(_NoStream))
+    _replace(cuda, "stream", _returns(contextlib.nullcontext))
+    _replace(cuda, "set_stream", _returns(None))
+    _replace(cuda, "is_current_stream_capturing", _returns(False))
+    _replace(cuda, "memory_allocated", _returns(0))
+    _replace(cuda, "max_memory_allocated", _returns(0))
+    _replace(cuda, "memory_reserved", _returns(0))
+    _replace(cuda, "reset_peak_memory_stats", _returns(None))
+    _replace(cuda, "memory_stats", _returns(dict))
+    _replace(cuda.nvtx, "range_push", _returns(None))
+    _replace(cuda.nvtx, "range_pop", _returns(None))
+    _replace(cuda.nvtx, "range", _returns(contextlib.nullcontext))
+    # The RNG tracker's seeding calls torch.cuda.manual_seed; on the CPU the CPU generator is seeded.
+    _replace(cuda, "manual_seed", _returns(None))
+    _replace(cuda, "manual_seed_all", _returns(None))
+    # Activation recomputation saves and restores "the CUDA generator" around each checkpointed
+    # region; on the CPU the CPU generator (restored by the same code) is the one that drew.
+    _replace(cuda.random, "get_rng_state", _returns(torch.get_rng_state))
+    _replace(cuda, "get_rng_state", cuda.random.get_rng_state)
+
+
+def _replace_rng_tracker() -> None:
+    """Megatron-Core's RNG tracker as CpuRNGStatesTracker: its own keeps CUDA generator states, absent here."""
+    # Its setter of the CUDA generator's state queues a callback for when CUDA initialises, which
+    # never happens here: drop it rather than let the queue grow by one state per recomputed layer.
+    _replace(mcore_random, "_lazy_call", _returns(None))
+    _replace(mcore_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
+    _replace(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
+
+
+def _end_children_with_this_process() -> None:
+    """Processes forked from here (the next step's Manager) end with this one, for in-process users too."""
+    signals.end_children_with_this_process()
+
+
+def _fork_checkpoint_writer_manager() -> None:
+    """dist_checkpointing's writer-results Manager started by fork now, not by spawn at the first save (1.7 s)."""
+    # dist_checkpointing's writer reports through a multiprocessing Manager that it starts by spawn
+    # at a process's first save: a new interpreter re-importing the entry module, about 1.7 s of
+    # every training process (the tiny model's first save: 4.2 s -> 2.5 s). Spawn guards CUDA, absent
+    # here: start that Manager by fork instead (the function caches it for the process).
+    get_write_results_queue("fork")
+
+
+# glibc's mallopt parameter for the size from which malloc maps memory of its own (M_MMAP_THRESHOLD),
+# the environment variable through which glibc sets it at start, and the value set here otherwise.
 _M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+MMAP_THRESHOLD = 1 << 30
 
 
-def _reuse_freed_tensor_memory(limit: int = 1 << 30) -> None:
-    """Blocks up to `limit` bytes come from malloc's heap and are reused once freed. By default glibc
-    maps each block over 32 MB on its own and unmaps it when it is freed, so the pages of every
-    step's logits (tokens x 100,352 x 4 bytes) faulted in afresh each step: a 10-step tiny run spent
-    12 of its 33 CPU-seconds in the kernel, 7 to 9 with this. The cost is resident memory that stays
-    near the step's peak (2.6 GB instead of 2.1 GB for that run). Only glibc has mallopt; elsewhere
-    nothing changes."""
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
+def _set_malloc_mmap_threshold(limit: int = MMAP_THRESHOLD) -> None:
+    """Freed tensor memory up to `limit` is reused by malloc, not unmapped and faulted in afresh each step."""
+    # Blocks up to `limit` bytes come from malloc's heap and are reused once freed. By default glibc
+    # maps each block over 32 MB on its own and unmaps it when it is freed, so the pages of every
+    # step's logits (tokens x 100,352 x 4 bytes) faulted in afresh each step: a 10-step tiny run spent
+    # 12 of its 33 CPU-seconds in the kernel, 7 to 9 with this. The cost is resident memory that stays
+    # near the step's peak (2.6 GB instead of 2.1 GB for that run). glibc reads MALLOC_MMAP_THRESHOLD_
+    # itself when the process starts: where it is set, its value rules. Only glibc has mallopt;
+    # elsewhere nothing changes.
+    if MMAP_THRESHOLD_ENV in os.environ:
+        value = os.environ[MMAP_THRESHOLD_ENV]
+        size = f" ({_size(int(value))})" if value.strip().isdigit() else ""
+        log.info(f"CPU backend: malloc's mmap threshold {MMAP_THRESHOLD_ENV}={value}{size} "
+                 "(glibc read it at start: the environment's value rules; phi4 calls no mallopt)")
+        return
     try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, limit)
+        done = ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, limit)
     except (OSError, AttributeError):
-        pass
+        log.info("CPU backend: malloc's mmap threshold left as it is (no mallopt: not glibc)")
+        return
+    if done:
+        log.info(f"CPU backend: malloc's mmap threshold {_size(limit)} "
+                 f"({MMAP_THRESHOLD_ENV} unset; glibc's own env var overrides)")
+    else:
+        log.info(f"CPU backend: malloc's mmap threshold left as it is (mallopt refused {_size(limit)})")
+
+
+def _enter_cuda_to_cpu_mode() -> None:
+    """CUDA device arguments in every torch call from here on run on the CPU: _CudaToCpu entered, process-wide."""
+    global _ACTIVE_MODE
+    mode = _CudaToCpu()
+    mode.__enter__()
+    _ACTIVE_MODE = mode
+
+
+# activate()'s steps, in order (see the module's docstring).
+STEPS = (
+    _replace_cuda_functions,
+    _replace_rng_tracker,
+    _end_children_with_this_process,
+    _fork_checkpoint_writer_manager,
+    _set_malloc_mmap_threshold,
+    _enter_cuda_to_cpu_mode,
+)
 
 
 def activate() -> None:
-    """Switch the process to the CPU backend. Idempotent; refuses where CUDA is available."""
-    global _ACTIVE_MODE
+    """Switch the process to the CPU backend: STEPS, in order. Idempotent; refuses where CUDA is available."""
     if _ACTIVE_MODE is not None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("phi4.runtime.cpu: CUDA is available; the CPU backend is for CPU-only hosts")
+    # Megatron-Core (and through it torch.compile's rule tables) is imported at the top of this module,
+    # before the first step replaces anything in torch.cuda, so those tables record the real functions.
+    for step in STEPS:
+        step()
+    log.info("CPU backend active: CUDA device arguments run on the CPU (steps: "
+             + ", ".join(step.__name__.lstrip("_") for step in STEPS) + ")")
 
-    # Import Megatron-Core (and through it torch.compile's rule tables) before anything in
-    # torch.cuda is replaced, so those tables record the real functions.
 
-    cuda = torch.cuda
-    cuda.current_device = _returns(0)
-    cuda.set_device = _returns(None)
-    cuda.synchronize = _returns(None)
-    cuda.empty_cache = _returns(None)
-    cuda.Stream = _NoStream
-    cuda.Event = _NoStream
-    cuda.current_stream = _returns(_NoStream)
-    cuda.default_stream = _returns(_NoStream)
-    cuda.stream = _returns(contextlib.nullcontext)
-    cuda.set_stream = _returns(None)
-    cuda.is_current_stream_capturing = _returns(False)
-    cuda.memory_allocated = _returns(0)
-    cuda.max_memory_allocated = _returns(0)
-    cuda.memory_reserved = _returns(0)
-    cuda.reset_peak_memory_stats = _returns(None)
-    cuda.memory_stats = _returns(dict)
-    cuda.nvtx.range_push = _returns(None)
-    cuda.nvtx.range_pop = _returns(None)
-    cuda.nvtx.range = _returns(contextlib.nullcontext)
-    # The RNG tracker's seeding calls torch.cuda.manual_seed; on the CPU the CPU generator is seeded.
-    cuda.manual_seed = _returns(None)
-    cuda.manual_seed_all = _returns(None)
-    # Activation recomputation saves and restores "the CUDA generator" around each checkpointed
-    # region; on the CPU the CPU generator (restored by the same code) is the one that drew.
-    cuda.random.get_rng_state = _returns(torch.get_rng_state)
-    cuda.get_rng_state = cuda.random.get_rng_state
-    # Its setter queues a callback for when CUDA initialises, which never happens here: drop it
-    # rather than let the queue grow by one state per recomputed layer.
-    mcore_random._lazy_call = _returns(None)
-
-    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-    # dist_checkpointing's writer reports through a multiprocessing Manager that it starts by spawn
-    # at a process's first save: a new interpreter re-importing the entry module, about 1.7 s of
-    # every training process (the tiny model's first save: 4.2 s -> 2.5 s). Spawn guards CUDA, absent here:
-    # start that Manager by fork instead (the function caches it for the process).
-
-    signals.end_children_with_this_process()  # the entry points did already; in-process users too
-    get_write_results_queue("fork")
-    _reuse_freed_tensor_memory()
-
-    _ACTIVE_MODE = _CudaToCpu()
-    _ACTIVE_MODE.__enter__()
-    log.info("CPU backend active: CUDA device arguments run on the CPU")
+def deactivate() -> None:
+    """Undo what `activate()` can: leave the TorchFunctionMode and put back every torch.cuda function
+    and Megatron-Core RNG global it replaced (a tracker state drawn meanwhile is gone with the CPU
+    tracker). What stays for the life of the process: the checkpoint writer's Manager (forked, and
+    cached by dist_checkpointing), malloc's mmap threshold, and the after-fork hook that ends
+    children with this process. Names bound to a stand-in elsewhere (`from torch.cuda import
+    current_device` while active) keep it. Does nothing where the backend is not active."""
+    global _ACTIVE_MODE
+    if _ACTIVE_MODE is None:
+        return
+    top = _get_current_function_mode()
+    if top is not _ACTIVE_MODE:
+        raise RuntimeError(f"phi4.runtime.cpu: a TorchFunctionMode entered after the CPU backend's "
+                           f"({type(top).__name__}) is still active; leave it first")
+    _ACTIVE_MODE.__exit__(None, None, None)
+    _ACTIVE_MODE = None
+    while _REPLACED:
+        owner, name, original = _REPLACED.pop()
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    log.info("CPU backend inactive: torch.cuda and Megatron-Core's RNG tracker restored "
+             "(the writer's Manager, malloc's mmap threshold and the child-ending fork hook stay)")
