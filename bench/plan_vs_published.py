@@ -72,7 +72,7 @@ def spec_of(row) -> PlanSpec:
     options = row[11] if len(row) > 11 else {}
     layers, hidden, ffn, heads, kv, vocab = SHAPES[name]
     model = ModelConfig(hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=heads,
-                        num_query_groups=kv, vocab_size=vocab, max_position_embeddings=seq, backend="te", name=name)
+                        num_query_groups=kv, vocab_size=vocab, max_position_embeddings=seq, transformer_impl="te", name=name)
     topology = TopologyConfig(tp=tp, pp=pp, cp=cp, vp=vp if vp > 1 else None, sp=tp > 1,
                               recompute=options.get("recompute", "none"), recompute_layers=options.get("recompute_layers"))
     return PlanSpec(model, topology, PrecisionConfig(dtype="bf16", fp8=options.get("fp8", FP8)), gpus, seq, mbs, gbs,

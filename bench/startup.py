@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
-        train = [PYTHON, "-m", "phi4.cli.train", "train.steps=10", "optim.warmup_steps=0", "train.eval_every=0",
+        train = [PYTHON, "-m", "phi4.cli.train", "train.steps=10", "optim.warmup_steps=0", "train.valid_every=0",
                  "eval.every=0", "checkpoint.every=0", "train.tensorboard=false"]
         cases = {
             "import megatron.core (no phi4 first: torch.compile as shipped)": (

@@ -40,7 +40,7 @@ def bench_loader(cache: Path, samples: int, seq: int, micro_batch: int) -> float
 
 def bench_training(cache: Path, steps: int, procs: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
-        overrides = [f"run_dir={run_dir}", f"train.steps={steps}", "train.log_every=10", "train.eval_every=0",
+        overrides = [f"run_dir={run_dir}", f"train.steps={steps}", "train.log_every=10", "train.valid_every=0",
                      "checkpoint.every=0", f"data.cache_dir={cache}", *extra]
         if procs == 1:
             cmd = [str(Path(sys.executable).parent / "phi4-train"), *overrides]

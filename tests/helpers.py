@@ -140,6 +140,6 @@ def trainer_cfg(run_dir, cache, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose("train", overrides=[
             "train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
-            "train.eval_every=0", "eval.every=0", "data.synthetic.problems=600", f"data.cache_dir={cache}",
+            "train.valid_every=0", "eval.every=0", "data.synthetic.problems=600", f"data.cache_dir={cache}",
             "optim.warmup_steps=0", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=224",
             f"run_dir={run_dir}", *overrides])

@@ -1,6 +1,6 @@
 """Several "hosts" on this one machine for the SLURM tests: a bridge with the controller's address
 and, per node, a network namespace of its own joined to the bridge by a veth pair, with its own
-address in one private /24 made for the test (../shared/MULTINODE.md has the recipe as measured).
+address in one private /24 made for the test (docs/multinode.md, "Recipe", as measured).
 Those addresses and loopback are the only ones the tests contact; `down()` removes the namespaces,
 the veths and the bridge.
 

@@ -1,4 +1,5 @@
-"""The model configs hold PHI4.md's values, and map onto Megatron-Core's TransformerConfig."""
+"""The model configs hold the values of docs/model.md, "Architecture", and map onto Megatron-Core's
+TransformerConfig."""
 
 import dataclasses
 
@@ -20,7 +21,7 @@ def load_precision(name: str) -> PrecisionConfig:
 
 
 def test_phi4_14b_is_the_model_card():
-    # Values from shared/PHI4.md (microsoft/phi-4 config.json).
+    # Values from docs/model.md, "Architecture" (microsoft/phi-4 config.json).
     m = load_model("phi4_14b")
     assert (m.hidden_size, m.ffn_hidden_size, m.num_layers) == (5120, 17920, 40)
     assert (m.num_attention_heads, m.num_query_groups, m.head_dim) == (40, 10, 128)
@@ -57,7 +58,7 @@ def test_transformer_config_mapping():
     from phi4.model.build import transformer_config
 
     m = load_model("phi4_14b")
-    local = dataclasses.replace(m, backend="local")
+    local = dataclasses.replace(m, transformer_impl="local")
     c = transformer_config(local, TopologyConfig(tp=2, pp=4, vp=5, sp=True), load_precision("bf16"))
     assert c.normalization == "RMSNorm" and c.layernorm_epsilon == 1e-5
     assert c.gated_linear_unit and c.activation_func is torch.nn.functional.silu
@@ -73,7 +74,7 @@ def test_fp8_mapping():
     """FP8 settings reach TransformerConfig (building the config needs no GPU)."""
     from phi4.model.build import transformer_config
 
-    te_model = dataclasses.replace(tiny_model(), backend="te")
+    te_model = dataclasses.replace(tiny_model(), transformer_impl="te")
     c = transformer_config(te_model, TopologyConfig(), load_precision("fp8"))
     # Megatron-Bridge's Hopper default: current (tensorwise) scaling, first and last layer in bf16.
     assert c.bf16 and c.fp8 == "hybrid" and c.fp8_recipe == "tensorwise" and c.fp8_margin == 0

@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from helpers import ROOT
 from phi4.model.validate import check_run
 from phi4.train.checks import check_numbers, check_training, total_steps
-from phi4.train.trainer import model_settings as settings
+from phi4.settings import typed
 
 CONF = str(ROOT / "conf")
 STAGES = sorted(p.stem for p in (ROOT / "conf/stage").glob("*.yaml"))
@@ -25,22 +24,22 @@ def _compose(*overrides):
 def test_every_stage_composes(stage):
     cfg = _compose(f"stage={stage}")
     check_numbers(cfg)  # every shipped number has its type and range
-    model, topology, precision = settings(cfg)
-    assert total_steps(OmegaConf.to_object(cfg.train)) >= 1
+    model, topology, precision = (typed(cfg, g) for g in ("model", "topology", "precision"))
+    assert total_steps(typed(cfg, "train")) >= 1
 
 
 @pytest.mark.parametrize("topology, precision", [("h100_1920", "bf16"), ("h100_1920_fp8", "fp8")])
 def test_phi4_pretraining_on_1920_h100s(topology, precision):
     cfg = _compose("stage=pretrain", "model=phi4_14b", f"topology={topology}", f"precision={precision}", "data=phi4_pretrain")
-    model, topology, precision = settings(cfg)
+    model, topology, precision = (typed(cfg, g) for g in ("model", "topology", "precision"))
     assert topology.world_size == 1920 == topology.tp * topology.pp * topology.cp * topology.data_parallel_size(1920)
     check_run(model, topology, precision, world_size=1920)
     dp = topology.data_parallel_size(1920)
-    check_training(OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.optim), cfg.data.split, Path(cfg.run_dir), dp,
-                   total_steps(OmegaConf.to_object(cfg.train)), model)  # global batch 5760 divides over DP x micro-batch
+    check_training(typed(cfg, "train"), typed(cfg, "optim"), cfg.data.split, Path(cfg.run_dir), dp,
+                   total_steps(typed(cfg, "train")), model)  # global batch 5760 divides over DP x micro-batch
     assert cfg.train.seq_length == 4096 and cfg.train.global_batch_size == 5760 and cfg.optim.lr == 3e-4
     assert cfg.model.rope_base == 10000 and cfg.optim.weight_decay == 0.1
-    assert 420_000 < total_steps(OmegaConf.to_object(cfg.train)) < 430_000  # 10T tokens / 23.6M tokens a step
+    assert 420_000 < total_steps(typed(cfg, "train")) < 430_000  # 10T tokens / 23.6M tokens a step
     weights = {s.name: s.weight for s in cfg.data.sources}
     assert weights == {"web": 15, "web_rewrites": 15, "synthetic": 40, "code": 20, "acquired": 10}
 

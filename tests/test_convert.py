@@ -102,7 +102,7 @@ def load_converted(ckpt: str, tokens: torch.Tensor) -> dict:
     """On 2 ranks: the converted checkpoint at TP=2, then at PP=2; logits of each."""
     from megatron.core import parallel_state
 
-    from phi4.model.schedule import logits_of_tokens
+    from phi4.model.pipeline_schedule import logits_of_tokens
 
     model = tiny_model(**MODEL)
     out = {}
@@ -134,11 +134,12 @@ def train_and_save(run_dir: str, tokens: torch.Tensor) -> dict:
 
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.model.parallel import init_model_parallel
-    from phi4.checkpoint.run import RunCheckpointer
+    from phi4.checkpoint.run import RunCheckpointer, run_states
+    from phi4.train.trainer import TrainState
     from phi4.checkpoint.weights import MODEL_CONFIG_KEY
     from helpers import optim_settings
-    from phi4.model.schedule import logits_of_tokens, micro_batches_from_tokens
-    from phi4.train.lm import lm_train_step
+    from phi4.model.pipeline_schedule import logits_of_tokens, micro_batches_from_tokens
+    from phi4.train.lm import lm_update
     from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model = dataclasses.replace(tiny_model(**MODEL), init_std=0.2)  # logits of order 1 from random init
@@ -152,10 +153,11 @@ def train_and_save(run_dir: str, tokens: torch.Tensor) -> dict:
                                         wd_incr_steps=3, wd_incr_style="constant")
     rows = torch.randint(0, model.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
     for _ in range(3):
-        lm_train_step(ddp, optimizer, micro_batches_from_tokens(rows, 2))
+        lm_update(ddp, optimizer, micro_batches_from_tokens(rows, 2))
         scheduler.step(1)
-    directory = RunCheckpointer(run_dir, keep=1, async_save=False).save(
-        3, ddp, optimizer, scheduler, {"step": 3, MODEL_CONFIG_KEY: dataclasses.asdict(model)})
+    states = run_states(ddp, optimizer, scheduler, TrainState(step=3))
+    directory = RunCheckpointer(run_dir, keep=1, async_save=False, states=states,
+                                describe=lambda: {MODEL_CONFIG_KEY: dataclasses.asdict(model)}).save(3)
     return dict(logits=logits_of_tokens(ddp, tokens)[..., : model.vocab_size], checkpoint=str(directory))
 
 
@@ -174,8 +176,8 @@ def test_trained_tp2_checkpoint_converts_to_transformers(tmp_path):
 
 
 def test_exported_tokenizer(tmp_path):
-    """The produced directory's tokenizer gives PHI4.md's ids, agrees with phi4's own tokenizer on
-    many varied strings, and renders the Phi-4 chat format exactly."""
+    """The produced directory's tokenizer gives the ids of docs/model.md, "Tokenizer", agrees with
+    phi4's own tokenizer on many varied strings, and renders the Phi-4 chat format exactly."""
     import random
 
     from transformers import AutoTokenizer

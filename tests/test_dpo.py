@@ -39,7 +39,7 @@ def _dpo_through_the_model(rows: dict) -> dict:
     from phi4.posttrain.dpo import evaluate_preferences, freeze
     from phi4.model.parallel import init_model_parallel
     from phi4.runtime.distributed import seed_all
-    from phi4.model.schedule import logits_of_tokens
+    from phi4.model.pipeline_schedule import logits_of_tokens
 
     model = tiny_model(vocab_size=1024, num_layers=2)  # no padded rows: both sides see the same softmax
     topology = TopologyConfig()

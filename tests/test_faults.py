@@ -74,7 +74,7 @@ def test_a_longer_allowance_holds_for_its_work_and_the_step_allowance_counts_afr
 
 def _small(cache):
     return ["model.hidden_size=64", "model.ffn_hidden_size=224", "train.seq_length=32", "train.global_batch_size=4",
-            "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0", "eval.every=0",
+            "train.micro_batch_size=2", "train.log_every=1", "train.valid_every=0", "eval.every=0",
             "train.tensorboard=false", "data.synthetic.problems=600", f"data.cache_dir={cache}",
             "optim.warmup_steps=2", "train.steps=5", "checkpoint.every=2", "train.straggler_factor=1.2",
             "train.straggler_windows=2"]

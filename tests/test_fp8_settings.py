@@ -18,7 +18,7 @@ from phi4.errors import ConfigError
 from phi4.model.config import PrecisionConfig, TopologyConfig
 from phi4.model.validate import check_run
 
-MODEL = dataclasses.replace(tiny_model(num_layers=8), backend="te")
+MODEL = dataclasses.replace(tiny_model(num_layers=8), transformer_impl="te")
 LAYOUTS = [TopologyConfig(), TopologyConfig(pp=2), TopologyConfig(pp=4, vp=2)]
 FP8_GRID = [
     dict(format=fmt, recipe=recipe, first_last_layers_bf16=keep, num_layers_at_start_in_bf16=start,

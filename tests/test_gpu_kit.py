@@ -89,12 +89,14 @@ def test_prepare_and_plan_commands_print_the_calls_and_refuse_a_limit_the_tree_e
     def kit_cli(*args):
         return subprocess.run([sys.executable, str(KIT / "kit.py"), *args], capture_output=True, text=True)
 
-    done = kit_cli("prepare", str(downloads), "--kit", str(tmp_path / "kit"), "--limit-mib", "4")
+    # room for every stand-in whole beside the working tree, whatever the tree's size now
+    limit = f"{kit_module().tree_bytes() / MIB + 3.5:.2f}"
+    done = kit_cli("prepare", str(downloads), "--kit", str(tmp_path / "kit"), "--limit-mib", limit)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "run calls bring the kit over" in lines[0]
     assert json.loads(lines[1].split("carry=", 1)[1]) == [f"{tmp_path}/kit/manifest.json", f"{tmp_path}/kit/wheels"]
-    assert kit_cli("plan", "--kit", str(tmp_path / "kit"), "--limit-mib", "4").stdout == done.stdout
+    assert kit_cli("plan", "--kit", str(tmp_path / "kit"), "--limit-mib", limit).stdout == done.stdout
     bad = kit_cli("plan", "--kit", str(tmp_path / "kit"), "--limit-mib", "0.01")
     assert bad.returncode == 1 and bad.stderr.startswith("kit.py plan: the working tree alone is")
     assert bad.stderr.count("\n") == 1
@@ -149,7 +151,7 @@ def test_the_kit_rehearsed_as_the_machine_runs_it(tmp_path):
             "test_verification_on_a_gpu_compares_on_the_cpu"} <= gpu_tests, gpu_tests
     run_dir = tmp_path / "run"
     trained = as_on_the_machine(tmp_path, "launch/train.py", "train.steps=1", "optim.warmup_steps=0", "checkpoint.every=0",
-                                "train.log_every=1", "train.eval_every=0", "eval.every=0", "model.hidden_size=64",
+                                "train.log_every=1", "train.valid_every=0", "eval.every=0", "model.hidden_size=64",
                                 "model.ffn_hidden_size=224",
                                 "train.seq_length=32", "train.global_batch_size=2", "train.micro_batch_size=2",
                                 "data.synthetic.problems=300", "train.tensorboard=false", f"run_dir={run_dir}")

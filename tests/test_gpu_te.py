@@ -20,11 +20,11 @@ def train_te(precision_values: dict) -> dict:
     from phi4.runtime import cpu
     from phi4.model.parallel import init_model_parallel
     from helpers import optim_settings
-    from phi4.model.schedule import micro_batches_from_tokens
-    from phi4.train.lm import lm_train_step
+    from phi4.model.pipeline_schedule import micro_batches_from_tokens
+    from phi4.train.lm import lm_update
     from phi4.train.optimizer import build_optimizer, wrap_ddp
 
-    model = dataclasses.replace(tiny_model(), backend="te")
+    model = dataclasses.replace(tiny_model(), transformer_impl="te")
     precision = PrecisionConfig.from_dict(precision_values)
     topology = TopologyConfig()
     init_model_parallel(model, topology, precision, seed=1)
@@ -34,7 +34,7 @@ def train_te(precision_values: dict) -> dict:
     batches = [{k: v.cuda() for k, v in b.items()} for b in micro_batches_from_tokens(token_rows(model, 8, 64), 2)]
     ddp = wrap_ddp(chunks, config)
     optimizer = build_optimizer(ddp, config, optim_settings(lr=3e-3, weight_decay=0.0))
-    losses = [lm_train_step(ddp, optimizer, batches)["loss"] for _ in range(STEPS)]
+    losses = [lm_update(ddp, optimizer, batches).loss for _ in range(STEPS)]
     layer = chunks[0].decoder.layers[0]
     return dict(losses=losses, cpu_backend=cpu.is_active(), qkv=type(layer.self_attention.linear_qkv).__name__)
 
@@ -73,7 +73,7 @@ def test_mxfp8_stops_at_start_on_a_gpu_older_than_blackwell():
 
     if torch.cuda.get_device_capability() >= (10, 0):
         pytest.skip("this GPU runs mxfp8")
-    model = dataclasses.replace(tiny_model(), backend="te")
+    model = dataclasses.replace(tiny_model(), transformer_impl="te")
     precision = dict(dtype="bf16", fp8=dict(recipe="mxfp8"))
     from phi4.model.config import PrecisionConfig
 
@@ -92,9 +92,9 @@ def decode_te_cached_and_full(prompts: list, new_tokens: int) -> dict:
     from phi4.model.config import PrecisionConfig
     from phi4.model.hf_weights import load_hf_weights
     from phi4.model.parallel import init_model_parallel
-    from phi4.model.schedule import logits_of_tokens
+    from phi4.model.pipeline_schedule import logits_of_tokens
 
-    model = dataclasses.replace(tiny_model(), backend="te")
+    model = dataclasses.replace(tiny_model(), transformer_impl="te")
     precision, topology = PrecisionConfig(dtype="fp32"), TopologyConfig()
     init_model_parallel(model, topology, precision, seed=1)
     chunks = build_phi4_model(model, topology, precision, config=transformer_config(model, topology, precision))
@@ -135,10 +135,10 @@ def dpo_and_scoring_on_cuda() -> dict:
     from phi4.model.config import PrecisionConfig
     from phi4.model.hf_weights import load_hf_weights
     from phi4.model.parallel import init_model_parallel
-    from phi4.model.schedule import logits_of_tokens
+    from phi4.model.pipeline_schedule import logits_of_tokens
     from phi4.posttrain.dpo import _dpo_loss, _reference_loss
 
-    model = dataclasses.replace(tiny_model(), backend="te")
+    model = dataclasses.replace(tiny_model(), transformer_impl="te")
     precision = PrecisionConfig.from_dict(dict(dtype="bf16", fp8=dict(format="hybrid", recipe="tensorwise")))
     topology = TopologyConfig()
     init_model_parallel(model, topology, precision, seed=1)
@@ -169,12 +169,12 @@ def train_te_tp2(overlap: bool) -> list:
     from phi4.model.build import build_phi4_model, transformer_config
     from phi4.model.config import PrecisionConfig
     from phi4.model.parallel import init_model_parallel
-    from phi4.model.schedule import data_parallel_slice, micro_batches_from_tokens
+    from phi4.model.pipeline_schedule import data_parallel_slice, micro_batches_from_tokens
     from phi4.model.tp_overlap import destroy_userbuffers, initialize_userbuffers
-    from phi4.train.lm import lm_train_step
+    from phi4.train.lm import lm_update
     from phi4.train.optimizer import build_optimizer, wrap_ddp
 
-    model = dataclasses.replace(tiny_model(), backend="te")
+    model = dataclasses.replace(tiny_model(), transformer_impl="te")
     precision = PrecisionConfig(dtype="bf16")
     topology = TopologyConfig(tp=2, sp=True, tp_comm_overlap=overlap)
     init_model_parallel(model, topology, precision, seed=1)
@@ -185,7 +185,7 @@ def train_te_tp2(overlap: bool) -> list:
     ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config)
     optimizer = build_optimizer(ddp, config, optim_settings(lr=3e-3, weight_decay=0.0))
     batches = micro_batches_from_tokens(data_parallel_slice(token_rows(model, 8, 64)), 2)
-    losses = [lm_train_step(ddp, optimizer, batches)["loss"] for _ in range(8)]
+    losses = [lm_update(ddp, optimizer, batches).loss for _ in range(8)]
     if overlap:
         destroy_userbuffers()
     return losses

@@ -34,7 +34,7 @@ def megatron_logits(weights: dict, tokens: torch.Tensor) -> dict:
     from phi4.posttrain.dpo import attach_reference_logps
     from phi4.model.parallel import init_model_parallel
     from phi4.runtime.distributed import set_parallel_layout
-    from phi4.model.schedule import logits_of_tokens, micro_batches_from_tokens
+    from phi4.model.pipeline_schedule import logits_of_tokens, micro_batches_from_tokens
     from phi4.train.lm import evaluate_loss
 
     model = tiny_model(**MODEL)

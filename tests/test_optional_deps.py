@@ -20,7 +20,7 @@ MODULES = [
     "phi4.runtime.distributed",
     "phi4.runtime.cpu",
     "phi4.runtime.device",
-    "phi4.model.schedule",
+    "phi4.model.pipeline_schedule",
     "phi4.checkpoint.run",
     "phi4.train.trainer",
     "phi4.posttrain.dpo",
@@ -65,7 +65,7 @@ def test_te_backend_without_te_is_a_clear_error():
     from phi4.errors import ConfigError
     from phi4.model.spec import phi4_layer_spec
 
-    with pytest.raises(ConfigError, match=r"model.backend=te needs Transformer Engine.*or use model.backend=local"):
+    with pytest.raises(ConfigError, match=r"model.transformer_impl=te needs Transformer Engine.*or use model.transformer_impl=local"):
         phi4_layer_spec("te")
 
 

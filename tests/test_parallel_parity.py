@@ -46,8 +46,8 @@ def run_layouts(layouts: dict, weights: dict, tokens: torch.Tensor) -> dict:
     from phi4.model.parallel import init_model_parallel
     from phi4.runtime.distributed import set_parallel_layout, seed_all
     from helpers import optim_settings
-    from phi4.model.schedule import data_parallel_slice, forward_logits, micro_batches_from_tokens
-    from phi4.train.lm import evaluate_loss, lm_train_step
+    from phi4.model.pipeline_schedule import data_parallel_slice, forward_logits, micro_batches_from_tokens
+    from phi4.train.lm import evaluate_loss, lm_update
     from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     model = tiny_model(**MODEL)
@@ -66,7 +66,7 @@ def run_layouts(layouts: dict, weights: dict, tokens: torch.Tensor) -> dict:
         logits = forward_logits(chunks, batches)
         ddp = wrap_ddp(chunks, config)
         optimizer = build_optimizer(ddp, config, optim_settings(lr=LR, weight_decay=0.0))
-        steps = [lm_train_step(ddp, optimizer, batches) for _ in range(STEPS)]
+        steps = [lm_update(ddp, optimizer, batches) for _ in range(STEPS)]
         final = evaluate_loss(ddp, batches)
 
         reports = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -75,9 +75,9 @@ def run_layouts(layouts: dict, weights: dict, tokens: torch.Tensor) -> dict:
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
             logits=logits[..., : model.vocab_size].clone() if reports else None,
-            losses=[s["loss"] for s in steps] + [final],
-            grad_norms=[float(s["grad_norm"]) for s in steps],
-            updated=all(s["update_successful"] for s in steps),
+            losses=[s.loss for s in steps] + [final],
+            grad_norms=[float(s.grad_norm) for s in steps],
+            updated=all(s.update_successful for s in steps),
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             layer_numbers=[[layer.layer_number - 1 for layer in chunk.decoder.layers] for chunk in chunks],
         )

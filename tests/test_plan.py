@@ -60,11 +60,11 @@ def measure_layouts(layouts: dict, backend: str = "local") -> dict:
     from phi4.model.parallel import init_model_parallel
     from phi4.runtime.distributed import seed_all, set_parallel_layout
     from helpers import optim_settings
-    from phi4.model.schedule import data_parallel_slice, micro_batches_from_tokens, run_schedule
-    from phi4.train.lm import lm_forward_step, lm_train_step
+    from phi4.model.pipeline_schedule import data_parallel_slice, micro_batches_from_tokens, run_schedule
+    from phi4.train.lm import lm_forward_step, lm_update
     from phi4.train.optimizer import build_optimizer, wrap_ddp
 
-    model = tiny_model(backend=backend, vocab_size=MEASURED_VOCAB)
+    model = tiny_model(transformer_impl=backend, vocab_size=MEASURED_VOCAB)
     results = {}
     for i, (name, (topology, dtype, seq, mbs, gbs)) in enumerate(layouts.items()):
         precision = PrecisionConfig(dtype=dtype)
@@ -77,8 +77,8 @@ def measure_layouts(layouts: dict, backend: str = "local") -> dict:
         ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config)
         optimizer = build_optimizer(ddp, config, optim_settings())
         batches = micro_batches_from_tokens(data_parallel_slice(token_rows(model, gbs, seq)), mbs)
-        first = lm_train_step(ddp, optimizer, batches)  # Adam's state exists from the first step on
-        second = lm_train_step(ddp, optimizer, batches)
+        first = lm_update(ddp, optimizer, batches)  # Adam's state exists from the first step on
+        second = lm_update(ddp, optimizer, batches)
 
         def forward_backward():
             for chunk in ddp:
@@ -90,7 +90,7 @@ def measure_layouts(layouts: dict, backend: str = "local") -> dict:
             peak=activation_peak(forward_backward),
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             dp_rank=parallel_state.get_data_parallel_rank(),
-            losses=(first["loss"], second["loss"]),
+            losses=(first.loss, second.loss),
         )
         del ddp, optimizer
     return results
@@ -174,7 +174,7 @@ def test_model_card_21_days_at_25_percent_mfu(capsys):
     for key in ("memory_gb_per_gpu", "step_time_s", "mfu", "tokens_per_s_per_gpu", "days"):
         assert isinstance(plan[key], float)
     assert plan["mfu"] == pytest.approx(0.25)
-    # 2.8k tokens/s per GPU, the model card's derived rate (PHI4.md "Compute")
+    # 2.8k tokens/s per GPU, the model card's derived rate (docs/model.md, "Compute")
     assert plan["tokens_per_s_per_gpu"] == pytest.approx(9.8e12 / (21 * 86400 * 1920), rel=0.1)
 
 
@@ -254,7 +254,7 @@ def test_memory_model_meets_megatron_on_gpu():
     layouts = {"te_bf16": (TopologyConfig(), "bf16", 256, 2, 4)}
     got = run_ranks(measure_layouts, 1, layouts, "te", timeout=600)[0]["te_bf16"]
     topology, dtype, seq, mbs, gbs = layouts["te_bf16"]
-    spec = PlanSpec(tiny_model(backend="te"), topology, PrecisionConfig(dtype=dtype), 1, seq, mbs, gbs)
+    spec = PlanSpec(tiny_model(transformer_impl="te"), topology, PrecisionConfig(dtype=dtype), 1, seq, mbs, gbs)
     planned = memory.static_memory(spec)
     assert got["static"] == dict(params=planned.params, grads=planned.grads, optimizer=planned.optimizer)
     estimate = memory.activation_memory(spec).total
@@ -277,7 +277,7 @@ def test_fp8_layers_follow_megatron_cores_first_last_bf16_rule():
     from phi4.runtime.hardware import HardwareConfig
     from phi4.settings import load_group
 
-    model = tiny_model(num_layers=8, backend="te")
+    model = tiny_model(num_layers=8, transformer_impl="te")
     layout = TopologyConfig(pp=2, vp=2)  # rank 0: layers 0, 1, 4, 5; rank 1: 2, 3, 6, 7
 
     def spec(fp8):
@@ -325,10 +325,10 @@ def _static_with_grads_in(grad_reduce_in_fp32: bool) -> dict:
     ddp = wrap_ddp(build_phi4_model(model, topology, precision, config=config), config,
                    grad_reduce_in_fp32=grad_reduce_in_fp32)
     optimizer = build_optimizer(ddp, config, optim_settings())
-    from phi4.model.schedule import micro_batches_from_tokens
-    from phi4.train.lm import lm_train_step
+    from phi4.model.pipeline_schedule import micro_batches_from_tokens
+    from phi4.train.lm import lm_update
 
-    lm_train_step(ddp, optimizer, micro_batches_from_tokens(token_rows(model, 4, 64), 2))  # Adam's state exists now
+    lm_update(ddp, optimizer, micro_batches_from_tokens(token_rows(model, 4, 64), 2))  # Adam's state exists now
     return static_bytes(ddp, optimizer)
 
 

@@ -175,7 +175,8 @@ def test_subdivide_cuts_at_the_logprob_midpoint():
 
 
 def test_subdivide_does_not_search_a_segment_whose_steps_cancel():
-    # PHI4.md's rule looks at the whole segment only: +0.5 then -0.5 inside it nets 0, so it stays whole.
+    # Subdivide (docs/model.md, "Pivotal Token Search") looks at the whole segment only: +0.5 then
+    # -0.5 inside it nets 0, so it stays whole.
     world = World(SOLUTION[:8], p_table(4, {2: 8, 6: -8}, 8))
     estimator, model = estimator_for(world)
     assert subdivide(estimator, QUERY, SOLUTION[:8], 0.2) == [(QUERY, SOLUTION[:8])]

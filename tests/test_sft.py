@@ -145,7 +145,7 @@ def _thd_vs_alone(row: dict, segments: list[int]) -> dict:
     from phi4.model.build import build_phi4_model, unwrap
     from phi4.model.parallel import init_model_parallel
 
-    model = dataclasses.replace(tiny_model(vocab_size=100352, num_layers=2), backend="te")
+    model = dataclasses.replace(tiny_model(vocab_size=100352, num_layers=2), transformer_impl="te")
     topology = TopologyConfig()
     init_model_parallel(model, topology, FP32)
     net = unwrap(build_phi4_model(model, topology, FP32)[0]).eval()

@@ -167,7 +167,7 @@ def _submit_sweep(env: dict, root: Path) -> subprocess.Popen:
     sweep = root / "sweep"
     return subprocess.Popen(
         [str(PYTHON), str(ROOT / "launch/train.py"), "-m", "hydra/launcher=slurm", "cluster=local_cpu",
-         "optim.lr=1e-3,2e-3", f"train.steps={SWEEP_STEPS}", "train.log_every=1", "train.eval_every=0", "eval.every=0",
+         "optim.lr=1e-3,2e-3", f"train.steps={SWEEP_STEPS}", "train.log_every=1", "train.valid_every=0", "eval.every=0",
          "checkpoint.every=0", "optim.warmup_steps=0", "train.tensorboard=false", "fault.delay_rank=0",
          "fault.delay_seconds=2", f"hydra.sweep.dir={sweep}"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -245,7 +245,7 @@ def test_a_killed_node_ends_the_job_everywhere_and_it_resumes_from_the_last_chec
 def test_each_stage_starts_from_the_previous_final_checkpoint(chain, stage, previous):
     runs = chain["runs"]
     before = _common(runs / previous)  # the previous stage's final checkpoint
-    start = _common(runs / stage)["initialized_from"]
+    start = _common(runs / stage)["train_state"]["initialized_from"]
     final = (runs / previous / "checkpoints" / (runs / previous / "checkpoints/final").read_text().strip())
     assert Path(start["path"]) == final.resolve()
     assert start["weights_fingerprint"] == pytest.approx(before["weights_fingerprint"], rel=1e-9)

@@ -1,4 +1,4 @@
-"""The Phi-4 tokenizer gives PHI4.md's ids, offline."""
+"""The Phi-4 tokenizer gives the ids of docs/model.md, "Tokenizer", offline."""
 
 import pytest
 

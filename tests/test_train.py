@@ -36,7 +36,7 @@ def small(cache, *extra):
     # (half the checkpoint bytes) does as well
     return ["model.hidden_size=64", "model.ffn_hidden_size=224",
             "train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
-            "train.eval_every=0", "eval.every=0", "train.tensorboard=false", "data.synthetic.problems=600",
+            "train.valid_every=0", "eval.every=0", "train.tensorboard=false", "data.synthetic.problems=600",
             f"data.cache_dir={cache}", "optim.warmup_steps=2", *extra]
 
 
@@ -91,7 +91,7 @@ GENERATIVE = ["eval.every=12", "eval.synthetic.problems=6", "eval.max_new_tokens
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("default")
-    out = train(run, *small(cache, "train.steps=12", "train.log_every=4", "train.eval_every=6", "checkpoint.every=4",
+    out = train(run, *small(cache, "train.steps=12", "train.log_every=4", "train.valid_every=6", "checkpoint.every=4",
                             "checkpoint.keep=2", "train.tensorboard=true", *GENERATIVE))
     return run, out
 
@@ -396,11 +396,10 @@ def test_pruning_never_removes_what_latest_or_final_names(tmp_path):
 
 def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_is_written(tmp_path, cache, straight):
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from phi4.checkpoint.pointers import latest_checkpoint
     from phi4.train.checks import check_resume
-    from phi4.train.trainer import model_settings as settings
+    from phi4.settings import typed
     from phi4.cli.train_job import train as run_training
 
     run = tmp_path / "run"
@@ -433,10 +432,9 @@ def test_resuming_with_another_model_or_batch_shape_is_refused_before_anything_i
         assert f"was trained on another learning-rate schedule ({named}), resumed from step_0000010 at step 10" \
             in message and "optim.override_scheduler=true" in message and "\n" not in message, message
     assert (run / "config.yaml").read_bytes() == before
-    allowed = cfg_with("train.global_batch_size=8", "checkpoint.allow_new_batch_shape=true", "model.backend=local")
-    assert check_resume(run, settings(allowed)[0], OmegaConf.to_object(allowed.train),
-                        OmegaConf.to_object(allowed.checkpoint), latest_checkpoint(run), OmegaConf.to_object(allowed.optim),
-                        10) == []  # asked for: accepted, and the schedule is the run's own
+    allowed = cfg_with("train.global_batch_size=8", "checkpoint.allow_new_batch_shape=true", "model.transformer_impl=local")
+    assert check_resume(run, typed(allowed, "model"), typed(allowed, "train"), typed(allowed, "checkpoint"),
+                        latest_checkpoint(run), typed(allowed, "optim"), 10) == []  # asked for: accepted, and the schedule is the run's own
 
 
 def _cosine_lr(step, peak, low, warmup, decay_steps):

@@ -4,6 +4,7 @@ One rank, in one fresh process (the CPU backend is process-wide), runs every Tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -53,18 +54,18 @@ def _closing(run_dir, cache) -> dict:
     class NeverFinite(LanguageModeling):
         """Language modelling whose every update is reported non-finite (and skipped)."""
 
-        def train_step(self, ddp_chunks, optimizer, micro_batches):
-            return {**super().train_step(ddp_chunks, optimizer, micro_batches), "update_successful": False,
-                    "grad_norm": math.nan}
+        def update(self, model_chunks, optimizer, micro_batches, gate=None):
+            result = super().update(model_chunks, optimizer, micro_batches, gate)
+            return dataclasses.replace(result, update_successful=False, grad_norm=math.nan)
 
     class Watch(Callback):
         def __init__(self, fail_at=None):
             self.fail_at, self.steps, self.closed = fail_at, [], False
 
-        def setup(self, trainer):  # the process group's own timeout, NCCL's watchdog's, on GPUs
+        def setup(self, parts):  # the process group's own timeout, NCCL's watchdog's, on GPUs
             self.group_timeout = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
 
-        def after_step(self, trainer, step):
+        def after_step(self, step):
             self.steps.append(step)
             if step == self.fail_at:
                 raise RuntimeError(f"callback failed at step {step}")
@@ -87,7 +88,7 @@ def _closing(run_dir, cache) -> dict:
     finally:
         del os.environ["PHI4_FAULT"]
     seen["failed_latest"] = latest_checkpoint(run_dir / "failed")
-    t = trainer.settings
+    t = trainer.settings.train
     seen["group_timeout_s"] = watch.group_timeout.total_seconds()
     seen["longest_allowance_s"] = 60 * max(t.hang_timeout_minutes, t.hang_startup_minutes, t.hang_save_minutes)
     _wait_for_forked_writers()  # had the abandoned writer lived on, its report is in before the next save
@@ -110,7 +111,7 @@ def _closing(run_dir, cache) -> dict:
     seen["stopped_group"] = torch.distributed.is_initialized()
     latest = latest_checkpoint(run_dir / STOPPED)
     seen["stopped_latest"] = latest.name if latest else None
-    seen["stopped_saved_step"] = checkpoint_common_state(latest)["step"]  # its items read back
+    seen["stopped_saved_step"] = checkpoint_common_state(latest)["train_state"]["step"]  # its items read back
     seen["stopped_state"] = trainer.state.state_dict()
     # 3. out of wall time at the last step: the run ends with its final checkpoint (exit 0), not a
     # resumable stop; and a run whose `final` pointer is missing (stopped between its last pointers)
@@ -139,10 +140,13 @@ def _spikes(run_dir, cache) -> dict:
 
     class Weights(Callback):
         def __init__(self):
-            self.after = {}
+            self.after, self.chunks = {}, None
 
-        def after_step(self, trainer, step):
-            self.after[step] = weights_fingerprint(trainer.ddp)
+        def setup(self, parts):
+            self.chunks = parts.model_chunks
+
+        def after_step(self, step):
+            self.after[step] = weights_fingerprint(self.chunks)
 
     def run(name, *overrides, callbacks=()):
         with Trainer(_cfg(run_dir / name, cache, "train.tensorboard=false", *SPIKE, *overrides),

@@ -33,7 +33,7 @@ def test_phi4_tp_must_divide_the_ten_query_groups():
         (TopologyConfig(pp=4, vp=3), r"model.num_layers=40 does not split into topology.pp=4 x topology.vp=3 = 12"),
         (TopologyConfig(pp=1, vp=2), r"topology.vp=2 needs topology.pp >= 2"),
         (TopologyConfig(pp=2, vp=1), r"topology.vp=1: .*valid: null or >= 2"),
-        (TopologyConfig(cp=2), r"topology.cp=2 needs model.backend=te"),
+        (TopologyConfig(cp=2), r"topology.cp=2 needs model.transformer_impl=te"),
         (TopologyConfig(tp=1, sp=True), r"topology.sp=true needs topology.tp > 1 .*valid: topology.sp=false, or topology.tp in 2, 5, 10"),
         (TopologyConfig(tp=0), r"topology.tp=0 must be a positive integer"),
         (TopologyConfig(pp=2, pp_layout="Et*9|t*10|t*10|t*11,L"),
@@ -50,7 +50,7 @@ def test_phi4_tp_must_divide_the_ten_query_groups():
     ],
 )
 def test_bad_topology_names_the_setting(topology, pattern):
-    local = dataclasses.replace(PHI4, backend="local")
+    local = dataclasses.replace(PHI4, transformer_impl="local")
     with pytest.raises(ConfigError, match=pattern):
         check_run(local, topology, BF16)
 
@@ -62,9 +62,9 @@ def test_world_size_must_be_a_multiple_of_the_model_parallel_size():
 
 
 def test_precision_rules():
-    local = dataclasses.replace(PHI4, backend="local")
+    local = dataclasses.replace(PHI4, transformer_impl="local")
     fp8 = PrecisionConfig(dtype="bf16", fp8=FP8Config())
-    with pytest.raises(ConfigError, match=r"precision.fp8 needs model.backend=te .*got model.backend=local"):
+    with pytest.raises(ConfigError, match=r"precision.fp8 needs model.transformer_impl=te .*got model.transformer_impl=local"):
         check_run(local, TopologyConfig(), fp8)
     with pytest.raises(ConfigError, match=r"precision.fp8.recipe='current'; valid: delayed, tensorwise, blockwise, mxfp8"):
         check_run(PHI4, TopologyConfig(), PrecisionConfig(dtype="bf16", fp8=FP8Config(recipe="current")))
@@ -89,7 +89,7 @@ def test_wrong_topology_fails_before_any_process_group():
 def test_tp_comm_overlap_is_on_where_it_can_run_and_refused_by_name_where_asked_for_and_not():
     from phi4.model.tp_overlap import tp_comm_overlap_on, without_tp_comm_overlap
 
-    te = dataclasses.replace(PHI4, backend="te")
+    te = dataclasses.replace(PHI4, transformer_impl="te")
     cluster = TopologyConfig(tp=2, sp=True)
     assert tp_comm_overlap_on(cluster, "te", on_cuda=True)
     assert not tp_comm_overlap_on(cluster, "te", on_cuda=False)  # the CPU: off, not refused
@@ -101,7 +101,7 @@ def test_tp_comm_overlap_is_on_where_it_can_run_and_refused_by_name_where_asked_
         tp_comm_overlap_on(asked, "te", on_cuda=False)
     check_run(te, asked, BF16)
     with pytest.raises(ConfigError, match=r"tp_comm_overlap=true needs topology.tp > 1, topology.sp=true and "
-                                          r"model.backend=te \(got tp=1, sp=false, backend=te\)"):
+                                          r"model.transformer_impl=te \(got tp=1, sp=false, transformer_impl=te\)"):
         check_run(te, TopologyConfig(tp_comm_overlap=True), BF16)
     # decoding's forwards run with the modules' userbuffer flags off, restored after (also on error)
     from types import SimpleNamespace

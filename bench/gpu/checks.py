@@ -51,7 +51,7 @@ def checks(state: Path) -> list[Check]:
 
     def train(name, backend, extra):
         return Check(name, ("cuda", "te") if backend == "te" else ("cuda",), 100 if backend == "te" else 75,
-                     [*TRAIN, f"model.backend={backend}", f"run_dir={runs / name}", *extra], "train")
+                     [*TRAIN, f"model.transformer_impl={backend}", f"run_dir={runs / name}", *extra], "train")
 
     def throughput(name, backend, extra):
         return Check(name, ("cuda", "te") if backend == "te" else ("cuda",), 100 if backend == "te" else 75,
@@ -79,7 +79,7 @@ def checks(state: Path) -> list[Check]:
         train("te_train_delayed", "te", FP8["delayed"]),
         train("te_train_blockwise", "te", FP8["blockwise"]),
         Check("te_mxfp8_refused", ("cuda", "te"), 45,
-              [*TRAIN, "model.backend=te", f"run_dir={runs / 'mxfp8'}", *FP8["mxfp8"]], "refusal"),
+              [*TRAIN, "model.transformer_impl=te", f"run_dir={runs / 'mxfp8'}", *FP8["mxfp8"]], "refusal"),
         throughput("throughput_te_delayed", "te", ["--fp8=delayed"]),
         throughput("throughput_te_blockwise", "te", ["--fp8=blockwise"]),
         Check("profile_te_tensorwise", ("cuda", "te"), 90,

@@ -4,7 +4,7 @@ prediction for the same shape: the planner's calibration.
 The model is Phi-4's layer (hidden 5120, FFN 17920, 40 heads in 10 groups, vocabulary 100352) at
 sequence 4096, with as many layers as fit one GPU with the distributed optimizer (`--layers auto`:
 the planner's memory model picks the most that fit, and a run out of memory retries with fewer).
-It runs `phi4.train.lm.lm_train_step` (Megatron-Core's schedule, DDP, the distributed optimizer)
+It runs `phi4.train.lm.lm_update` (Megatron-Core's schedule, DDP, the distributed optimizer)
 on random tokens and prints tokens/s, model TFLOP/s per GPU (phi4's FLOP count:
 phi4.model.flops), MFU against the bf16 dense peak, peak memory, and phi4-plan's figures for the
 same shape and hardware. `--shape tiny` runs the same code path on the CPU in seconds.
@@ -45,7 +45,7 @@ def settings(args):
 
     model_name, seq, mbs, micro_batches = SHAPES[args.shape]
     values = load_yaml("model", model_name)
-    model = ModelConfig.from_dict({**values, "backend": args.backend})
+    model = ModelConfig.from_dict({**values, "transformer_impl": args.backend})
     if args.fp8:
         fp8 = {**load_yaml("precision", "fp8")["fp8"], "recipe": args.fp8}
         if args.fp8 == "delayed":  # Megatron-Core refuses delayed scaling with bf16 first/last layers
@@ -85,7 +85,7 @@ def measure(model, topology, precision, hardware, seq, mbs, micro_batches, steps
     from phi4.model.parallel import init_model_parallel
     from phi4 import conf_dir
     from phi4.settings import Optim, load_group
-    from phi4.train.lm import lm_train_step
+    from phi4.train.lm import lm_update
     from phi4.train.optimizer import build_optimizer, wrap_ddp
 
     init_model_parallel(model, topology, precision, seed=1)
@@ -109,17 +109,17 @@ def measure(model, topology, precision, hardware, seq, mbs, micro_batches, steps
 
     losses = []
     for _ in range(warmup):
-        losses.append(lm_train_step(ddp, optimizer, batches)["loss"])
+        losses.append(lm_update(ddp, optimizer, batches).loss)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(steps):
-        losses.append(lm_train_step(ddp, optimizer, batches)["loss"])
+        losses.append(lm_update(ddp, optimizer, batches).loss)
     sync()
     seconds = (time.perf_counter() - started) / steps
     if profile:
-        write_profile(profile, lambda: lm_train_step(ddp, optimizer, batches), cuda)
+        write_profile(profile, lambda: lm_update(ddp, optimizer, batches), cuda)
     tokens_per_step = mbs * micro_batches * seq
     tokens_per_s = tokens_per_step / seconds
     tflops = flops_per_token(model, seq) * tokens_per_s / 1e12
@@ -158,7 +158,7 @@ def run_one(args) -> dict:
         model, topology, precision, hardware, seq, mbs, micro_batches)
     model = dataclasses.replace(model, num_layers=layers)
     plan = plan_for(model, topology, precision, hardware, seq, mbs, micro_batches)
-    result = dict(shape=args.shape, backend=model.backend, fp8=args.fp8 or None, dtype=precision.dtype,
+    result = dict(shape=args.shape, backend=model.transformer_impl, fp8=args.fp8 or None, dtype=precision.dtype,
                   layers=layers, seq=seq, micro_batch_size=mbs, micro_batches=micro_batches, hardware=hardware.name)
     import torch
 

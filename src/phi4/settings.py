@@ -22,6 +22,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -30,73 +31,78 @@ from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from phi4.errors import ConfigError
+from phi4.errors import ConfigError, deprecated_setting
 from phi4.model.config import FP8Config, ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.runtime.hardware import HardwareConfig
 
 
-def number(default: Any = MISSING, least: float = 0, most: Optional[float] = None, above: bool = False,
-           at_most: Optional[float] = None, meaning: str = ""):
-    """A numeric field with its valid range: at least `least` (above it with `above`), and below
-    `most` or at most `at_most`."""
-    return field(default=default, metadata=dict(least=least, most=most, above=above, at_most=at_most,
+def number(default: Any = MISSING, at_least: Optional[float] = None, above: Optional[float] = None,
+           below: Optional[float] = None, at_most: Optional[float] = None, meaning: str = ""):
+    """A numeric field with its valid range, each bound named for what it allows: `at_least` and
+    `at_most` include the bound, `above` and `below` exclude it."""
+    if (at_least is None) == (above is None):
+        raise TypeError("number(): give exactly one lower bound, at_least= or above=")
+    return field(default=default, metadata=dict(at_least=at_least, above=above, below=below, at_most=at_most,
                                                 meaning=meaning))
 
 
 @dataclass
 class Train:
     objective: str = MISSING  # lm | dpo
-    steps: Optional[int] = number(least=1, meaning="optimizer steps; or null to derive them from train.token_budget")
-    token_budget: Optional[float] = number(least=1, meaning="tokens to train on (used when train.steps is null)")
-    seq_length: int = number(least=1, meaning="tokens per sample")
-    micro_batch_size: int = number(least=1, meaning="samples per micro-batch")
-    global_batch_size: int = number(least=1, meaning="samples per optimizer step")
-    log_every: int = number(least=1, meaning="steps between training lines")
-    eval_every: int = number(least=0, meaning="steps between validation losses; 0 never")
-    eval_samples: int = number(least=0, meaning="validation samples")
-    max_wall_minutes: Optional[float] = number(least=0, above=True, meaning="minutes before a resumable stop")
-    exit_interval: Optional[int] = number(least=1, meaning="steps between resumable stops")
-    max_nonfinite_in_a_row: int = number(least=1, meaning="skipped steps in a row before the run stops")
+    steps: Optional[int] = number(at_least=1, meaning="optimizer steps; or null to derive them from train.token_budget")
+    token_budget: Optional[float] = number(at_least=1, meaning="tokens to train on (used when train.steps is null)")
+    seq_length: int = number(at_least=1, meaning="tokens per sample")
+    micro_batch_size: int = number(at_least=1, meaning="samples per micro-batch")
+    global_batch_size: int = number(at_least=1, meaning="samples per optimizer step")
+    log_every: int = number(at_least=1, meaning="steps between training lines")
+    valid_every: int = number(at_least=0, meaning="steps between validation losses; 0 never")
+    valid_samples: int = number(at_least=0, meaning="validation samples")
+    max_wall_minutes: Optional[float] = number(above=0, meaning="minutes before a resumable stop")
+    exit_interval: Optional[int] = number(at_least=1, meaning="steps between resumable stops")
+    max_nonfinite_in_a_row: int = number(at_least=1, meaning="skipped steps in a row before the run stops")
     overlap_grad_reduce: bool = MISSING
     overlap_param_gather: bool = MISSING
     grad_reduce_in_fp32: bool = True
-    peak_tflops: Optional[float] = number(least=0, above=True, meaning="the device's dense peak, for MFU")
+    peak_tflops: Optional[float] = number(above=0, meaning="the device's dense peak, for MFU")
     tensorboard: bool = MISSING
-    hang_timeout_minutes: Optional[float] = number(least=0, above=True, meaning="minutes a step may take before "
+    hang_timeout_minutes: Optional[float] = number(above=0, meaning="minutes a step may take before "
                                                    "every rank writes its stacks and exits 76; null: no watchdog")
-    hang_startup_minutes: float = number(least=0, above=True, meaning="minutes from start to the first step's end")
-    hang_save_minutes: float = number(least=0, above=True,
+    hang_startup_minutes: float = number(above=0, meaning="minutes from start to the first step's end")
+    hang_save_minutes: float = number(above=0,
                                       meaning="minutes a checkpoint save or an evaluation may take")
-    straggler_factor: Optional[float] = number(least=1, above=True, meaning="a rank this many times slower than "
+    straggler_factor: Optional[float] = number(above=1, meaning="a rank this many times slower than "
                                                "the median is named; null: never")
-    straggler_windows: int = number(least=1, meaning="log windows in a row a rank is slow before it is named")
-    spike_sigmas: Optional[float] = number(least=0, above=True, meaning="standard deviations above the recent "
+    straggler_windows: int = number(at_least=1, meaning="log windows in a row a rank is slow before it is named")
+    spike_sigmas: Optional[float] = number(above=0, meaning="standard deviations above the recent "
                                            "mean that make a loss a spike; null: no spike handling")
-    spike_window: int = number(least=2, meaning="the recent steps whose losses a spike is measured against")
+    spike_window: int = number(at_least=2, meaning="the recent steps whose losses a spike is measured against")
     spike_action: str = MISSING  # skip | rewind
+    # deprecated aliases (one release): `typed` moves a value set here to its new name, warning once
+    eval_every: Optional[int] = number(default=None, at_least=0, meaning="deprecated: train.valid_every")
+    eval_samples: Optional[int] = number(default=None, at_least=0, meaning="deprecated: train.valid_samples")
 
 
 @dataclass
 class Optim:
-    lr: float = number(least=0, above=True, meaning="the peak learning rate")
-    min_lr: float = number(least=0, meaning="the final learning rate")
-    warmup_steps: int = number(least=0, meaning="warm-up steps")
+    lr: float = number(above=0, meaning="the peak learning rate")
+    min_lr: float = number(at_least=0, meaning="the final learning rate")
+    warmup_steps: int = number(at_least=0, meaning="warm-up steps")
     decay_style: str = MISSING  # linear | cosine | constant | wsd
-    wsd_decay_fraction: float = number(0.1, least=0, above=True, at_most=1,
+    wsd_decay_fraction: float = number(0.1, above=0, at_most=1,
                                        meaning="wsd: the last share of the steps spent decaying")
     wsd_decay_style: str = "linear"  # wsd's decay: linear | cosine | exponential | minus_sqrt
     override_scheduler: bool = False  # resume on these schedule settings instead of refusing a change
-    weight_decay: float = number(least=0, meaning="decoupled weight decay")
-    adam_beta1: float = number(least=0, most=1, meaning="Adam's first-moment decay")
-    adam_beta2: float = number(least=0, most=1, meaning="Adam's second-moment decay")
-    adam_eps: float = number(least=0, above=True, meaning="Adam's epsilon")
-    clip_grad: float = number(least=0, meaning="the gradient norm clip; 0 off")
+    weight_decay: float = number(at_least=0, meaning="decoupled weight decay")
+    adam_beta1: float = number(at_least=0, below=1, meaning="Adam's first-moment decay")
+    adam_beta2: float = number(at_least=0, below=1, meaning="Adam's second-moment decay")
+    adam_eps: float = number(above=0, meaning="Adam's epsilon")
+    clip_grad: float = number(at_least=0, meaning="the gradient norm clip; 0 off")
 
 
 @dataclass
 class Checkpoint:
-    every: int = number(least=0, meaning="steps between checkpoints; 0 saves only at the end")
-    keep: int = number(least=1, meaning="the newest checkpoints kept; the one just written is always kept")
+    every: int = number(at_least=0, meaning="steps between checkpoints; 0 saves only at the end")
+    keep: int = number(at_least=1, meaning="the newest checkpoints kept; the one just written is always kept")
     async_save: bool = MISSING
     load: Optional[str] = None
     allow_new_batch_shape: bool = False
@@ -106,7 +112,7 @@ class Checkpoint:
 class Source:
     name: str = MISSING
     path: str = MISSING
-    weight: float = number(least=0, above=True, meaning="the source's share of the blend")
+    weight: float = number(above=0, meaning="the source's share of the blend")
     generate: Optional[Dict[str, Any]] = None  # the bundled synthetic corpora: made when missing
 
 
@@ -125,34 +131,34 @@ class Data:
 class Fault:
     """Faults injected on purpose, for the tests of what a run does about them (all off by default)."""
 
-    hang_step: Optional[int] = number(default=None, least=1, meaning="the step inside which fault.hang_rank sleeps")
-    hang_rank: int = number(default=0, least=0, meaning="the rank that sleeps inside fault.hang_step")
-    hang_seconds: float = number(default=3600.0, least=0, above=True, meaning="how long it sleeps")
-    delay_rank: Optional[int] = number(default=None, least=0, meaning="a rank slowed in every step")
-    delay_seconds: float = number(default=0.0, least=0, meaning="how long fault.delay_rank sleeps in every step")
-    corrupt_sample: Optional[int] = number(default=None, least=0, meaning="the batch holding this sample gets "
+    hang_step: Optional[int] = number(default=None, at_least=1, meaning="the step inside which fault.hang_rank sleeps")
+    hang_rank: int = number(default=0, at_least=0, meaning="the rank that sleeps inside fault.hang_step")
+    hang_seconds: float = number(default=3600.0, above=0, meaning="how long it sleeps")
+    delay_rank: Optional[int] = number(default=None, at_least=0, meaning="a rank slowed in every step")
+    delay_seconds: float = number(default=0.0, at_least=0, meaning="how long fault.delay_rank sleeps in every step")
+    corrupt_sample: Optional[int] = number(default=None, at_least=0, meaning="the batch holding this sample gets "
                                            "random labels")
 
 
 @dataclass
 class Dpo:
-    beta: float = number(least=0, above=True, meaning="the DPO temperature")
+    beta: float = number(above=0, meaning="the DPO temperature")
     reference: Optional[str] = None
 
 
 @dataclass
 class Eval:
-    every: int = number(least=0, meaning="steps between generative evaluations; 0 never")
+    every: int = number(at_least=0, meaning="steps between generative evaluations; 0 never")
     tasks: List[str] = field(default_factory=list)
     synthetic: Optional[Dict[str, Any]] = None
     template: str = MISSING
     checker: str = MISSING
-    samples: int = number(least=1, meaning="completions per problem")
+    samples: int = number(at_least=1, meaning="completions per problem")
     pass_at: List[int] = field(default_factory=lambda: [1])
-    temperature: float = number(least=0, meaning="sampling temperature; 0 greedy")
-    top_p: float = number(least=0, above=True, at_most=1, meaning="nucleus sampling's probability mass")
-    max_new_tokens: int = number(least=1, meaning="tokens generated per answer")
-    batch_size: int = number(least=1, meaning="problems per decoding batch")
+    temperature: float = number(at_least=0, meaning="sampling temperature; 0 greedy")
+    top_p: float = number(above=0, at_most=1, meaning="nucleus sampling's probability mass")
+    max_new_tokens: int = number(at_least=1, meaning="tokens generated per answer")
+    batch_size: int = number(at_least=1, meaning="problems per decoding batch")
     stop: List[str] = field(default_factory=list)
 
 
@@ -162,26 +168,26 @@ class Pts:
     problems: Optional[str] = None
     generate: Optional[Dict[str, Any]] = None
     checker: str = MISSING
-    samples: int = number(least=1, meaning="completions per success estimate")
-    p_gap: float = number(least=0, above=True, at_most=1, meaning="the least move of p(success) at a pivotal token")
-    p_min: float = number(least=0, at_most=1, meaning="the least p(success) of a kept query")
-    p_max: float = number(least=0, at_most=1, meaning="the largest p(success) of a kept query")
-    max_new_tokens: int = number(least=1, meaning="tokens generated per completion")
-    temperature: float = number(least=0, meaning="sampling temperature")
-    top_p: float = number(least=0, above=True, at_most=1, meaning="nucleus sampling's probability mass")
+    samples: int = number(at_least=1, meaning="completions per success estimate")
+    p_gap: float = number(above=0, at_most=1, meaning="the least move of p(success) at a pivotal token")
+    p_min: float = number(at_least=0, at_most=1, meaning="the least p(success) of a kept query")
+    p_max: float = number(at_least=0, at_most=1, meaning="the largest p(success) of a kept query")
+    max_new_tokens: int = number(at_least=1, meaning="tokens generated per completion")
+    temperature: float = number(at_least=0, meaning="sampling temperature")
+    top_p: float = number(above=0, at_most=1, meaning="nucleus sampling's probability mass")
     output: str = MISSING
 
 
 @dataclass
 class Plan:
-    gpus: Optional[int] = number(least=1, meaning="devices; or null: topology.nodes x topology.gpus_per_node")
-    mfu: Optional[float] = number(least=0, above=True, at_most=1, meaning="an achieved model FLOPs utilisation")
-    memory_margin: float = number(least=0, most=1, meaning="the share added to the estimated activations")
-    top: int = number(least=1, meaning="layouts printed by --search")
+    gpus: Optional[int] = number(at_least=1, meaning="devices; or null: topology.nodes x topology.gpus_per_node")
+    mfu: Optional[float] = number(above=0, at_most=1, meaning="an achieved model FLOPs utilisation")
+    memory_margin: float = number(at_least=0, below=1, meaning="the share added to the estimated activations")
+    top: int = number(at_least=1, meaning="layouts printed by --search")
     show_rejected: bool = False
     micro_batch_sizes: List[int] = field(default_factory=lambda: [1])
     recompute: List[str] = field(default_factory=lambda: ["none"])
-    save_seconds: Optional[float] = number(default=None, least=0, above=True,
+    save_seconds: Optional[float] = number(default=None, above=0,
                                            meaning="seconds a checkpoint save stops training, for the save interval")
     save_from: Optional[str] = None  # a phi4-train run directory: its measured saves give the save time
 
@@ -191,15 +197,17 @@ class Stage:
     name: str = MISSING
 
 
-def _unfrozen(cls: type, **nested: type) -> type:
+def _unfrozen(cls: type, renamed: tuple[str, ...] = (), **nested: type) -> type:
     """A mutable twin of a frozen settings dataclass (Hydra merges overrides into its nodes), with
-    the same fields, types and defaults; `nested` swaps a field's dataclass for its twin."""
+    the same fields, types and defaults; `nested` swaps a field's dataclass for its twin; each
+    `renamed` key is an optional field more, a deprecated name `typed` moves to its new one."""
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
         kind = Optional[nested[f.name]] if f.name in nested else hints[f.name]
         default = None if f.name in nested else (f.default if f.default is not dataclasses.MISSING else MISSING)
         fields.append((f.name, kind, field(default=default)))
+    fields += [(old, Optional[Any], field(default=None)) for old in renamed]
     return dataclasses.make_dataclass(cls.__name__, fields, namespace={"__module__": __name__})
 
 
@@ -207,7 +215,7 @@ FP8 = _unfrozen(FP8Config)
 SCHEMAS: dict[str, type] = {
     "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "fault": Fault, "dpo": Dpo, "eval": Eval,
     "pts": Pts, "plan": Plan, "stage": Stage,
-    "model": _unfrozen(ModelConfig), "topology": _unfrozen(TopologyConfig),
+    "model": _unfrozen(ModelConfig, renamed=("backend",)), "topology": _unfrozen(TopologyConfig),
     "precision": _unfrozen(PrecisionConfig, fp8=FP8), "hardware": _unfrozen(HardwareConfig),
 }
 
@@ -238,19 +246,78 @@ def load_group(group: str, path) -> dict:
         if "defaults" in values:
             del values["defaults"]
         typed = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), values)
-        return OmegaConf.to_container(typed, resolve=True, throw_on_missing=True)
+        return _renamed(group, OmegaConf.to_container(typed, resolve=True, throw_on_missing=True))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}{f' ({group}.{key})' if key else ''}") from err
 
 
-def data_settings(node: DictConfig) -> Data:
-    """The data group, typed (after its format's own checks); `data.pairs`, left `???` where no
-    preference file is named, becomes None."""
-    if OmegaConf.is_missing(node, "pairs"):
+# The groups whose code-side type is a frozen dataclass (the schema registered with Hydra is its
+# unfrozen twin): built from the plain values, each checked by its own `from_dict`.
+FROZEN: dict[str, type] = {"model": ModelConfig, "topology": TopologyConfig, "precision": PrecisionConfig,
+                           "hardware": HardwareConfig}
+
+
+# Settings renamed, by group: old field -> new field (each old one a field of the schema for one release).
+RENAMED: dict[str, dict[str, str]] = {"train": {"eval_every": "valid_every", "eval_samples": "valid_samples"},
+                                      "model": {"backend": "transformer_impl"}}
+
+
+def _renamed(group: str, settings):
+    """A value given under a deprecated name moves to the new name (it wins: it is what the user
+    wrote); `settings` is the schema's instance, or a frozen group's plain dict (the old key dropped)."""
+    plain = isinstance(settings, dict)
+    for old, new in RENAMED.get(group, {}).items():
+        value = settings.get(old) if plain else getattr(settings, old)
+        if value is not None:
+            deprecated_setting(f"{group}.{old}", f"{group}.{new}", value)
+            if plain:
+                settings[new] = value
+            else:
+                setattr(settings, new, value)
+                setattr(settings, old, None)
+        if plain:
+            settings.pop(old, None)
+    return settings
+
+
+def typed(cfg: DictConfig, group: str):
+    """The one way from a composed config's group to its typed settings: an instance of the
+    group's schema (`SCHEMAS`), or for model, topology, precision and hardware of the frozen
+    dataclass the code builds from. An absent group gives the schema's defaults (fault: no
+    faults). `data.pairs`, left `???` where no preference file is named, becomes None."""
+    node = cfg.get(group)
+    if group in FROZEN:
+        return FROZEN[group].from_dict(_renamed(group, OmegaConf.to_container(node, resolve=True)))
+    if node is None:
+        return SCHEMAS[group]()
+    if group == "data" and OmegaConf.is_missing(node, "pairs"):
         node = node.copy()
         node.pairs = None
-    return OmegaConf.to_object(node)
+    if OmegaConf.get_type(node) is not SCHEMAS[group]:  # composed without the schema (a hand-made config)
+        node = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node)
+    return _renamed(group, OmegaConf.to_object(node))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every group a training run reads, typed (`typed`), with the run's seed and directory."""
+
+    train: Train
+    optim: Optim
+    checkpoint: Checkpoint
+    data: Data
+    fault: Fault
+    model: ModelConfig
+    topology: TopologyConfig
+    precision: PrecisionConfig
+    seed: int
+    run_dir: Path
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "RunSettings":
+        groups = ("train", "optim", "checkpoint", "data", "fault", "model", "topology", "precision")
+        return cls(**{g: typed(cfg, g) for g in groups}, seed=cfg.seed, run_dir=Path(cfg.run_dir))
 
 
 def check_ranges(cfg: DictConfig, groups: tuple[str, ...]) -> None:
@@ -266,7 +333,7 @@ def check_ranges(cfg: DictConfig, groups: tuple[str, ...]) -> None:
         if extra:
             raise ConfigError(f"{group}.{extra[0]} is not a setting; valid: {', '.join(fields)}")
         for f in dataclasses.fields(SCHEMAS[group]):
-            if "least" not in f.metadata:
+            if "at_least" not in f.metadata:
                 continue
             value = OmegaConf.select(node, f.name, default=None)
             if value is None or OmegaConf.is_missing(node, f.name):
@@ -279,15 +346,15 @@ def check_ranges(cfg: DictConfig, groups: tuple[str, ...]) -> None:
 
 
 def _check_number(name: str, value, f: dataclasses.Field, kind) -> None:
-    least, most, above, at_most = (f.metadata[k] for k in ("least", "most", "above", "at_most"))
+    at_least, above, below, at_most = (f.metadata[k] for k in ("at_least", "above", "below", "at_most"))
     whole = kind is int or int in typing.get_args(kind)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
-        ok = (value > least if above else value >= least) and (most is None or value < most) \
+        ok = (value > above if above is not None else value >= at_least) and (below is None or value < below) \
             and (at_most is None or value <= at_most)
     if not ok:
-        bounds = f"above {least}" if above else f"at least {least}"
-        bounds += f" and below {most}" if most is not None else ""
+        bounds = f"above {above}" if above is not None else f"at least {at_least}"
+        bounds += f" and below {below}" if below is not None else ""
         bounds += f" and at most {at_most}" if at_most is not None else ""
         raise ConfigError(f"{name}={value!r}; valid: {'a whole number' if whole else 'a number'} {bounds} "
                           f"({f.metadata['meaning']})")

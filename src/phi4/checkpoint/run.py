@@ -1,8 +1,10 @@
-"""A training run's checkpoints: `<run_dir>/checkpoints/step_0000100/` holds the model, the
-distributed optimizer's state (in the fully reshardable format, so a run resumes under another
-TP/PP/DP layout), the scheduler, each rank's RNG states and the run's plain values (its
-TrainState, the resolved config, the layout). Saving is collective, optionally in the background;
-`latest` names a checkpoint only once every rank has written it (phi4.checkpoint.pointers)."""
+"""A training run's checkpoints: `<run_dir>/checkpoints/step_0000100/` holds every part of the
+run's `states` dict, each under its key: the model chunks and the distributed optimizer's state as
+sharded tensors (the optimizer in the fully reshardable format, so a run resumes under another
+TP/PP/DP layout), the scheduler and the TrainState as plain values; then each rank's RNG states and
+the run's description (the resolved config, the layout, the weights' fingerprint). Saving is
+collective, optionally in the background; `latest` names a checkpoint only once every rank has
+written it (phi4.checkpoint.pointers)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 from megatron.core import dist_checkpointing
@@ -22,7 +24,13 @@ from megatron.core.dist_checkpointing.strategies.filesystem_async import get_wri
 from phi4.checkpoint.integrity import check_written
 from phi4.checkpoint.pointers import FINAL, checkpoint_dir, latest_checkpoint, publish, require_checkpoint
 from phi4.checkpoint.rng import rng_sharded_object, rng_state, set_rng_state
-from phi4.checkpoint.weights import assign_model, load_sharded, model_sharded_state_dict, save_strategy
+from phi4.checkpoint.weights import (
+    assign_model,
+    load_sharded,
+    model_sharded_state_dict,
+    save_strategy,
+    with_keyed_train_state,
+)
 from phi4.runtime import device
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -57,7 +65,7 @@ class CheckpointWriteError(RuntimeError):
 
 def _materialize_optimizer_state(optimizer) -> None:
     """torch's Adam (what Megatron-Core uses without TE or apex) creates its state lazily, and the
-    distributed optimizer can only describe (and so load) state that exists (MEGATRON_CPU.md, 10).
+    distributed optimizer can only describe (and so load) state that exists (docs/cpu_backend.md, "10").
     Megatron-Core's own helper fills it with placeholders that the load then overwrites; there is
     no public equivalent."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -66,7 +74,7 @@ def _materialize_optimizer_state(optimizer) -> None:
 
 
 def _keep_restored_adam_step(optimizer) -> None:
-    """Work around megatron-core 0.19.2 with torch's Adam (MEGATRON_CPU.md, 10): loading the fully
+    """Work around megatron-core 0.19.2 with torch's Adam (docs/cpu_backend.md, "10"): loading the fully
     reshardable format drops each parameter's "step" from the tensors it copies in, then asks for
     it (KeyError: 'step'). By then the distributed optimizer has already set "step" from the
     checkpoint's param groups, so the copy should leave it as it is: give the copy that same
@@ -94,34 +102,105 @@ def _keep_restored_adam_step(optimizer) -> None:
         inner._set_main_param_and_optimizer_states = keep_step
 
 
-class RunCheckpointer:
-    """Saves and restores a training run: model, optimizer, scheduler, RNG, and the plain values
-    the trainer hands over (its TrainState, the config, the layout)."""
+@runtime_checkable
+class Stateful(Protocol):
+    """A part saved as plain values under its key (torch.distributed.checkpoint's Stateful)."""
 
-    def __init__(self, run_dir: Path, keep: int, async_save: bool):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
+
+
+@runtime_checkable
+class ShardedStateful(Protocol):
+    """A part saved as sharded tensors (Megatron-Core's dist_checkpointing)."""
+
+    def sharded_state_dict(self, before: dict, is_loading: bool) -> dict:
+        """Its entries of the checkpoint's sharded state; `before` holds those of the parts before it."""
+
+    def load_sharded_state_dict(self, loaded: dict, directory: Path) -> None:
+        """Take its entries back from the loaded state."""
+
+
+class ModelChunks:
+    """The model, one sharded entry per virtual pipeline stage ("model0", "model1", ...)."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+
+    def sharded_state_dict(self, before: dict, is_loading: bool) -> dict:
+        return model_sharded_state_dict(self.chunks, with_extra_state=True)
+
+    def load_sharded_state_dict(self, loaded: dict, directory: Path) -> None:
+        assign_model(self.chunks, loaded, directory)
+
+
+class DistributedOptimizerState:
+    """Megatron-Core's (distributed) optimizer, in the fully reshardable format, under "optimizer";
+    its sharded state refers to the model's, so it comes after ModelChunks in `states`."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def sharded_state_dict(self, before: dict, is_loading: bool) -> dict:
+        if is_loading:
+            _materialize_optimizer_state(self.optimizer)
+        return {"optimizer": self.optimizer.sharded_state_dict(before, is_loading=is_loading,
+                                                               metadata=OPTIM_METADATA)}
+
+    def load_sharded_state_dict(self, loaded: dict, directory: Path) -> None:
+        _keep_restored_adam_step(self.optimizer)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+
+
+def run_states(chunks: list, optimizer, scheduler, train_state: Stateful) -> dict:
+    """A training run's parts, in the order they are saved and restored: the model chunks, the
+    optimizer, the scheduler, the TrainState. More parts go after them under keys of their own."""
+    return {"model": ModelChunks(chunks), "optimizer": DistributedOptimizerState(optimizer),
+            "scheduler": scheduler, "train_state": train_state}
+
+
+class RunCheckpointer:
+    """Saves and restores a training run: every part of `states` (sharded parts as tensors,
+    Stateful ones as plain values under their key), each rank's RNG states, and `describe()`'s
+    plain values (the run's config, layout, weights' fingerprint), which nothing restores: they
+    are read by the checks and tools (phi4.checkpoint.weights.checkpoint_common_state).
+
+    The RNG states are restored only into the TP/PP/DP/CP `layout` they were saved at (one per
+    model-parallel rank); under another they stay as seeded."""
+
+    def __init__(self, run_dir: Path, keep: int, async_save: bool, states: dict,
+                 describe: Callable[[], dict] = dict, layout: Optional[dict] = None):
+        for key, part in states.items():
+            if not isinstance(part, (ShardedStateful, Stateful)):
+                raise TypeError(f"states[{key!r}]: {type(part).__name__} has neither state_dict/load_state_dict "
+                                "nor sharded_state_dict/load_sharded_state_dict")
         self.run_dir, self.keep, self.async_save = Path(run_dir), keep, async_save
+        self.states, self.describe, self.layout = states, describe, layout
         self._queue = None
         self.pending: Optional[Path] = None  # a background save not yet published
 
-    def _state(self, chunks, optimizer, scheduler, extra: dict, is_loading: bool) -> dict:
-        if is_loading:
-            _materialize_optimizer_state(optimizer)
-        state = model_sharded_state_dict(chunks, with_extra_state=True)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIM_METADATA)
+    def _sharded(self, is_loading: bool) -> dict:
+        state: dict = {}
+        for part in self.states.values():
+            if isinstance(part, ShardedStateful):
+                state.update(part.sharded_state_dict(state, is_loading))
         state["rng_state"] = rng_sharded_object(None if is_loading else rng_state())
-        state["scheduler"] = scheduler.state_dict()
-        state.update(extra)
         return state
 
-    def save(self, step: int, chunks, optimizer, scheduler, extra: dict, final: bool = False) -> Path:
-        """Collective. `extra`: plain values (data position, config); `final`: the run's last
-        checkpoint, which `checkpoints/final` will name. Returns the directory."""
+    def save(self, step: int, final: bool = False) -> Path:
+        """Collective. A checkpoint of every part at `step`; `final`: the run's last, which
+        `checkpoints/final` will name. Returns the directory."""
         directory = checkpoint_dir(self.run_dir, step)
         if torch.distributed.get_rank() == 0:
             shutil.rmtree(directory, ignore_errors=True)  # an incomplete earlier attempt at this step
             directory.mkdir(parents=True)
         torch.distributed.barrier()
-        state = self._state(chunks, optimizer, scheduler, extra, is_loading=False)
+        state = self._sharded(is_loading=False)
+        for key, part in self.states.items():
+            if not isinstance(part, ShardedStateful):
+                state[key] = part.state_dict()
+        state.update(self.describe())
         if not self.async_save:
             dist_checkpointing.save(state, str(directory), sharded_strategy=save_strategy())
             self._finish(directory, final)
@@ -206,22 +285,23 @@ class RunCheckpointer:
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
-    def load(self, directory: Path, chunks, optimizer, scheduler, layout: dict) -> dict:
-        """Restore everything saved; returns the checkpoint's plain values (step, data position,
-        the layout it was saved at...). Saved under another `layout`, the RNG states (one per
-        TP/PP rank) are left as seeded instead of restored."""
+    def load(self, directory: Path) -> dict:
+        """Restore every part from `directory` (collective), in the order of `states`; returns the
+        checkpoint's plain values (the description it was saved with, each plain part's state). A
+        checkpoint written before the parts had keys of their own (its TrainState's values flat
+        among the description's) loads alike."""
         require_checkpoint(directory)
-        common = dist_checkpointing.load_common_state_dict(str(directory))
-        same_layout = common.get("layout") == layout
-        state = self._state(chunks, optimizer, scheduler, {}, is_loading=True)
-        state.pop("scheduler")
+        common = with_keyed_train_state(dist_checkpointing.load_common_state_dict(str(directory)))
+        same_layout = self.layout is not None and common.get("layout") == self.layout
+        state = self._sharded(is_loading=True)
         if not same_layout:
             state.pop("rng_state")
         loaded = load_sharded(state, directory)
-        assign_model(chunks, loaded, directory)
-        _keep_restored_adam_step(optimizer)
-        optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(common["scheduler"])
+        for key, part in self.states.items():
+            if isinstance(part, ShardedStateful):
+                part.load_sharded_state_dict(loaded, directory)
+            else:
+                part.load_state_dict(common[key])
         if same_layout:
             set_rng_state(loaded["rng_state"])
         return common

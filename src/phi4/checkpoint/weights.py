@@ -73,9 +73,29 @@ def assign_model(chunks: list, loaded: dict, directory: Path) -> None:
             raise ConfigError(f"{directory}: missing {missing}, unexpected {result.unexpected_keys}")
 
 
+# What a run checkpoint's plain values hold, by key: each plain part's state (`train_state`, the
+# scheduler, ...) under its own key, beside the run's description (layout, config_yaml,
+# weights_fingerprint, schedule, MODEL_CONFIG_KEY).
+TRAIN_STATE_KEY = "train_state"
+# Checkpoints written before the parts had keys of their own kept the TrainState's values flat
+# among the description's: these.
+_FLAT_TRAIN_STATE = ("step", "consumed_samples", "skipped_steps", "initialized_from", "recent_losses",
+                     "skipped_windows")
+
+
+def with_keyed_train_state(common: dict) -> dict:
+    """A checkpoint's plain values with the TrainState under TRAIN_STATE_KEY, for checkpoints of
+    either kind (an older one's flat values moved there)."""
+    if TRAIN_STATE_KEY in common or "step" not in common:
+        return common
+    flat = {k: common[k] for k in _FLAT_TRAIN_STATE if k in common}
+    return {**{k: v for k, v in common.items() if k not in flat}, TRAIN_STATE_KEY: flat}
+
+
 def checkpoint_common_state(directory: str | Path) -> dict:
-    """The plain values saved with a checkpoint (step, config, model config, fingerprints...)."""
-    return dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(directory)))
+    """The plain values saved with a checkpoint (the parts' plain states by key, the config, the
+    model config, the weights' fingerprint...), the TrainState under TRAIN_STATE_KEY."""
+    return with_keyed_train_state(dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(directory))))
 
 
 def load_model_weights(chunks: list, directory: str | Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from phi4.eval.callback import GenerativeEvaluation
 from phi4.posttrain import dpo  # noqa: F401  registers train.objective=dpo
 from phi4.runtime import signals
-from phi4.settings import Eval
+from phi4.settings import Eval, typed
 from phi4.train.callbacks import Callback, ValidationLoss
 from phi4.train.stop import EXIT_RESUMABLE
 from phi4.train.stop import TrainingStopped  # noqa: F401  the entry point's exit code 3
@@ -18,9 +18,9 @@ from phi4.train.trainer import Trainer
 
 
 def callbacks(cfg: DictConfig) -> list[Callback]:
-    """Validation loss (train.eval_every), and generative evaluation when eval.every asks for it."""
+    """Validation loss (train.valid_every), and generative evaluation when eval.every asks for it."""
     chosen: list[Callback] = [ValidationLoss()]
-    ev: Optional[Eval] = OmegaConf.to_object(cfg.eval) if cfg.get("eval") is not None else None
+    ev: Optional[Eval] = typed(cfg, "eval") if cfg.get("eval") is not None else None
     if ev is not None and ev.every:
         chosen.append(GenerativeEvaluation(ev, cfg.seed))
     return chosen

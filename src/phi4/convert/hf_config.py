@@ -2,7 +2,7 @@
 
 Reading checks that the checkpoint is a model this stack computes exactly: Phi3ForCausalLM,
 full attention, no RoPE scaling, RoPE over the whole head, untied embeddings. Writing gives the
-exact fields microsoft/phi-4 ships (PHI4.md), with the sizes of the converted model.
+exact fields microsoft/phi-4 ships (docs/model.md, "Architecture"), with the sizes of the converted model.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def model_config_from_hf(config_path: Path) -> ModelConfig:
         init_std=cfg.get("initializer_range", 0.02),
         dropout=float(cfg.get("attention_dropout", 0.0)),
         tie_word_embeddings=False,
-        backend="local",
+        transformer_impl="local",
         name=cfg.get("_name_or_path", "") or "hf",
     )
 

@@ -1,9 +1,10 @@
 """The Phi-4 tokenizer as Hugging Face tokenizer files, built offline from the bundled ranks.
 
 transformers' TikTokenConverter recovers the BPE merges from the cl100k_base ranks; the split
-pattern is cl100k's classic one (PHI4.md: with tiktoken's newer possessive pattern the Hugging Face
-tokenizer disagreed with tiktoken on some strings). The Phi-4 special tokens keep their ids, and
-the chat template renders PHI4.md's format.
+pattern is cl100k's classic one (docs/model.md, "Split pattern": with tiktoken's newer possessive
+pattern the Hugging Face tokenizer disagreed with tiktoken on some strings). The Phi-4 special
+tokens keep their ids, and the chat template renders the Phi-4 chat format (docs/model.md,
+"Chat format").
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from phi4.checkpoint.weights import load_model_weights
 from phi4.model.build import build_phi4_model
 from phi4.model.config import ModelConfig, PrecisionConfig, TopologyConfig
 from phi4.model.parallel import init_model_parallel
-from phi4.model.schedule import logits_of_tokens
+from phi4.model.pipeline_schedule import logits_of_tokens
 from phi4.runtime.distributed import shutdown
 from phi4.runtime.launch_env import read_launch_env
 
@@ -35,7 +35,7 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 def megatron_logits(ckpt_dir: Path, model: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of the checkpoint loaded into the local spec, TP=1, in this one process, on the CPU
     (where the Hugging Face model's are, whatever device the model ran on)."""
-    model = dataclasses.replace(model, backend="local")
+    model = dataclasses.replace(model, transformer_impl="local")
     topology, precision = TopologyConfig(), PrecisionConfig(dtype="fp32")
     init_model_parallel(model, topology, precision, launch=read_launch_env({}))  # alone, on a free port
     try:

@@ -9,7 +9,6 @@ consumed samples, so a resumed run continues with exactly the batch it would hav
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +20,7 @@ from phi4.data.check import check_tokens, sources_fingerprint
 from phi4.data.registry import DataFormat, register
 from phi4.data.tokenizer import Phi4Tokenizer, get_tokenizer
 from phi4.errors import ConfigError
+from phi4.settings import Source  # name, path (an indexed dataset prefix: .bin and .idx), weight
 
 
 def _megatron_tokenizer():
@@ -56,13 +56,6 @@ def _megatron_tokenizer():
             return Phi4Tokenizer.pad_id
 
     return Phi4MegatronTokenizer()
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    path: str  # indexed dataset prefix: <path>.bin and <path>.idx
-    weight: float
 
 
 def check_sources(sources: list[Source]) -> None:

@@ -1,8 +1,9 @@
 """SFT data: chat JSONL -> packed sequences with a loss mask, as Megatron-Core indexed datasets.
 
 A line is `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`,
-rendered in the Phi-4 chat format (PHI4.md). Loss falls on each assistant message's content and
-its `<|im_end|>` (so the model learns to stop), never on headers, system or user text.
+rendered in the Phi-4 chat format (docs/model.md, "Chat format"). Loss falls on each assistant
+message's content and its `<|im_end|>` (so the model learns to stop), never on headers, system or
+user text.
 
 Packing, not padding: conversations are packed in order into rows of `seq_length + 1` tokens
 (next fit; a conversation never straddles two rows), and attention is kept inside each

@@ -17,11 +17,10 @@ import torch
 from omegaconf import DictConfig
 
 from phi4.data import blend, chat, preference  # noqa: F401  each registers its format
-from phi4.data.blend import Source
 from phi4.data.corpus import ensure_corpus
 from phi4.data.registry import FORMATS, DataFormat
 from phi4.errors import ConfigError
-from phi4.settings import Data
+from phi4.settings import Data, Source
 
 
 def data_format(data: DictConfig) -> DataFormat:
@@ -39,7 +38,7 @@ def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, voc
     ones that are missing and checks them before the others, which then read its cached results
     instead of scanning every file again. Packed sources must have room to pad each sequence to
     `sequence_multiple` (what `needed_by`, the layout, asks)."""
-    sources = [Source(s.name, str(s.path), float(s.weight)) for s in data.sources]
+    sources = list(data.sources)
     if rank == 0:
         for s in data.sources:
             if s.generate:

@@ -3,7 +3,8 @@
 Deterministic for a seed. Each problem carries its integer answer, so the same generator feeds
 the embedded default's corpus now and serves as a checkable task (Pivotal Token Search) later.
 The kinds, each with its own wording and solution steps:
-- consecutive even numbers with a given sum (PHI4.md's seed example: five of them sum to 90),
+- consecutive even numbers with a given sum (docs/model.md, "Synthetic seed example": five of
+  them sum to 90),
 - the perimeter and area of a rectangle,
 - distance from speed and time, over two legs of a trip,
 - a price after a percentage discount,

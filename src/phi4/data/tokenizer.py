@@ -1,4 +1,4 @@
-"""The Phi-4 tokenizer: cl100k_base BPE plus Phi-4's special tokens (PHI4.md), offline.
+"""The Phi-4 tokenizer: cl100k_base BPE plus Phi-4's special tokens (docs/model.md, "Tokenizer"), offline.
 
 The BPE ranks come from the `bpe-openai` wheel (nothing is downloaded). Phi-4 fills every id
 from 100256 to 100351 with a special token: the chat markers, cl100k's own specials, and

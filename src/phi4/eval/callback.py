@@ -8,25 +8,28 @@ from __future__ import annotations
 from phi4.eval.evaluator import Evaluator, check_eval, publish
 from phi4.settings import Eval
 from phi4.train.callbacks import Callback
+from phi4.train.parts import RunParts, RunSpec
 
 
 class GenerativeEvaluation(Callback):
     def __init__(self, ev: Eval, seed: int):
         self.ev, self.seed, self.every = ev, seed, ev.every
-        self.evaluator = None
+        self.evaluator, self.parts = None, None
 
-    def check(self, trainer) -> None:
-        check_eval(self.ev, trainer.topology.cp, self.seed)
+    def check(self, spec: RunSpec) -> None:
+        check_eval(self.ev, spec.settings.topology.cp, self.seed)
 
-    def setup(self, trainer) -> None:
-        self.evaluator = Evaluator(self.ev, trainer.ddp, trainer.model.max_position_embeddings,
-                                   trainer.model.vocab_size, trainer.run_dir, self.seed)
-        trainer.log_info(f"{self.evaluator.describe()}; every {self.every} steps")
+    def setup(self, parts: RunParts) -> None:
+        self.parts, model = parts, parts.spec.settings.model
+        self.evaluator = Evaluator(self.ev, parts.model_chunks, model.max_position_embeddings, model.vocab_size,
+                                   parts.spec.run_dir, self.seed)
+        parts.log_info(f"{self.evaluator.describe()}; every {self.every} steps")
 
-    def after_step(self, trainer, step: int) -> None:
-        if step % self.every and step != trainer.steps:
+    def after_step(self, step: int) -> None:
+        steps = self.parts.spec.total_steps
+        if step % self.every and step != steps:
             return
         report = self.evaluator.run()
-        if trainer.is_logger:
-            publish(report, step, trainer.metrics, trainer.run_dir / "generations" / f"step_{step:07d}.jsonl",
-                    f"step {step:>6}/{trainer.steps} | ")
+        if self.parts.is_logger:
+            publish(report, step, self.parts.metrics, self.parts.spec.run_dir / "generations" / f"step_{step:07d}.jsonl",
+                    f"step {step:>6}/{steps} | ")

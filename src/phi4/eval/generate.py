@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from phi4.eval.sampling import top_p_filter
 from phi4.model.build import unwrap, without_fp8
-from phi4.model.schedule import run_schedule
+from phi4.model.pipeline_schedule import run_schedule
 from phi4.model.tp_overlap import without_tp_comm_overlap
 
 

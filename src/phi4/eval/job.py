@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf
 
 from phi4.checkpoint.pointers import resolve_checkpoint
-from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state, load_model_weights
+from phi4.checkpoint.weights import MODEL_CONFIG_KEY, TRAIN_STATE_KEY, checkpoint_common_state, load_model_weights
 from phi4.eval.evaluator import Evaluator, check_eval, publish
 from phi4.eval.generate import decoding_topology
 from phi4.eval.run import EvalStopped
@@ -21,7 +21,7 @@ from phi4.model.parallel import init_model_parallel
 from phi4.runtime import signals
 from phi4.runtime.distributed import shutdown
 from phi4.runtime.run_dir import RunDirectory
-from phi4.settings import Eval, check_ranges
+from phi4.settings import Eval, check_ranges, typed
 from phi4.train.metrics import MetricsWriter
 
 log = logging.getLogger("phi4.eval")
@@ -30,13 +30,13 @@ log = logging.getLogger("phi4.eval")
 def evaluate_checkpoint(cfg: DictConfig) -> int:
     """Evaluate (or resume evaluating) `checkpoint`; returns the process exit code (75: stopped by a signal)."""
     check_ranges(cfg, ("eval",))
-    ev: Eval = OmegaConf.to_object(cfg.eval)
+    ev: Eval = typed(cfg, "eval")
     checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint")
     common = checkpoint_common_state(checkpoint)
     model = ModelConfig.from_dict(common[MODEL_CONFIG_KEY])
     # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
-    topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
-    precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
+    topology = decoding_topology(typed(cfg, "topology"))
+    precision = typed(cfg, "precision")
     check_eval(ev, topology.cp, cfg.seed)
     init_model_parallel(model, topology, precision, seed=cfg.seed)
     try:
@@ -56,7 +56,7 @@ def _evaluate(cfg: DictConfig, ev: Eval, checkpoint: Path, common: dict, model: 
         evaluator = Evaluator(ev, chunks, model.max_position_embeddings, model.vocab_size, run_dir, cfg.seed)
     is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
         and parallel_state.get_data_parallel_rank() == 0
-    step = common.get("step")
+    step = common.get(TRAIN_STATE_KEY, {}).get("step")  # none in a converted checkpoint
     if is_logger:
         log.info(f"{evaluator.describe()}; checkpoint {checkpoint} (step {step})")
 

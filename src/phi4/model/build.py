@@ -1,8 +1,8 @@
 """From the run's settings to Megatron-Core: the TransformerConfig and the model chunks.
 
-`transformer_config` is the one place where Phi-4's architecture (PHI4.md) meets Megatron-Core's
-names; `build_phi4_model` returns the GPTModel chunks this pipeline rank owns (one per virtual
-stage), with untied embeddings, RoPE and the padded vocabulary.
+`transformer_config` is the one place where Phi-4's architecture (docs/model.md, "Architecture")
+meets Megatron-Core's names; `build_phi4_model` returns the GPTModel chunks this pipeline rank owns
+(one per virtual stage), with untied embeddings, RoPE and the padded vocabulary.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
         # Fused kernels where the GPU runs them (Megatron-Bridge's choices); none on the CPU.
-        **fusion_settings(model.backend, on_cpu),
+        **fusion_settings(model.transformer_impl, on_cpu),
         # Pipeline sends as Megatron-LM makes them (arguments.py: overlap_p2p_comm with the
         # interleaved schedule, batch_p2p_comm = not overlap_p2p_comm): the interleaved schedule's
         # sends overlap its compute (phi4-plan counts only the warm-up's and flush's as exposed).
@@ -138,7 +138,7 @@ def transformer_config(model: ModelConfig, topology: TopologyConfig, precision: 
         # Free each pipeline stage's output once sent (Megatron-LM's default).
         deallocate_pipeline_outputs=True,
         # TE's userbuffer overlap of the sequence-parallel all-gather/reduce-scatter with the GEMMs
-        tp_comm_overlap=tp_comm_overlap_on(topology, model.backend, on_cuda=not on_cpu),
+        tp_comm_overlap=tp_comm_overlap_on(topology, model.transformer_impl, on_cuda=not on_cpu),
         **_recompute_settings(topology),
         **_fp8_settings(precision),
     )
@@ -162,7 +162,7 @@ def build_phi4_model(
         vp = vp_stage if topology.vp else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=phi4_block_spec(config, model.backend, vp_stage=vp),
+            transformer_layer_spec=phi4_block_spec(config, model.transformer_impl, vp_stage=vp),
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

@@ -31,11 +31,17 @@ class ModelConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     tie_word_embeddings: bool = False
-    backend: str = "local"
+    transformer_impl: str = "local"  # the layer spec: local (Megatron-Core's own modules) or te (Transformer Engine)
     name: str = ""
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """The model from its settings; a checkpoint saved before `transformer_impl` was named so
+        calls it `backend`."""
+        values = dict(values)
+        backend = values.pop("backend", None)
+        if backend is not None and "transformer_impl" not in values:
+            values["transformer_impl"] = backend
         return settings_from_dict(cls, "model", values)
 
     @property

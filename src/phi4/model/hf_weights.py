@@ -1,6 +1,6 @@
 """Hugging Face Phi3ForCausalLM weights <-> Megatron-Core Phi-4 parameters.
 
-Two layouts differ in more than names (PHI4.md):
+Two layouts differ in more than names (docs/model.md, "Weight layout"):
 - HF `qkv_proj` is [all Q heads; all K heads; all V heads]. Megatron-Core's `linear_qkv` is
   interleaved per query group: for each group g, [the group's Q heads; K_g; V_g]. Tensor
   parallelism then gives each rank whole groups.

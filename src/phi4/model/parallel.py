@@ -20,7 +20,7 @@ def check_on_device(model: ModelConfig, topology: TopologyConfig, precision: Pre
     and topology.tp_comm_overlap=true off a GPU."""
     if on.is_cuda:
         check_device(precision, on.capability, on.name)
-    tp_comm_overlap_on(topology, model.backend, on.is_cuda)
+    tp_comm_overlap_on(topology, model.transformer_impl, on.is_cuda)
 
 
 def init_model_parallel(model: ModelConfig, topology: TopologyConfig, precision: PrecisionConfig, seed: int = 1234,

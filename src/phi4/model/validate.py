@@ -41,8 +41,9 @@ def valid_tp_sizes(model: ModelConfig) -> list[int]:
 
 
 def check_model(model: ModelConfig) -> None:
-    if model.backend not in BACKENDS:
-        raise ConfigError(f"model.backend={model.backend!r} is not a backend; valid: {_listing(BACKENDS)}")
+    if model.transformer_impl not in BACKENDS:
+        raise ConfigError(f"model.transformer_impl={model.transformer_impl!r} is not a layer implementation; "
+                          f"valid: {_listing(BACKENDS)}")
     if model.hidden_size % model.num_attention_heads:
         raise ConfigError(
             f"model.num_attention_heads={model.num_attention_heads} does not divide "
@@ -86,10 +87,10 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
             f"valid topology.pp with this vp: {_listing(valid) or 'none (change topology.vp)'}, or uneven "
             f"stages in topology.pp_layout"
         )
-    if topology.cp > 1 and model.backend != "te":
+    if topology.cp > 1 and model.transformer_impl != "te":
         raise ConfigError(
-            f"topology.cp={topology.cp} needs model.backend=te (context-parallel attention exists only "
-            f"in Transformer Engine); with model.backend={model.backend} valid topology.cp: 1"
+            f"topology.cp={topology.cp} needs model.transformer_impl=te (context-parallel attention exists only "
+            f"in Transformer Engine); with model.transformer_impl={model.transformer_impl} valid topology.cp: 1"
         )
     if topology.recompute not in RECOMPUTE:
         raise ConfigError(f"topology.recompute={topology.recompute!r}; valid: {_listing(RECOMPUTE)}")
@@ -103,10 +104,10 @@ def check_topology(model: ModelConfig, topology: TopologyConfig, world_size: Opt
             raise ConfigError(
                 f"topology.recompute_layers={topology.recompute_layers}: the first N layers of each pipeline stage; "
                 f"valid: 1 to {most} (a stage's layers), or null for every layer")
-    if topology.tp_comm_overlap and (topology.tp < 2 or not topology.sp or model.backend != "te"):
+    if topology.tp_comm_overlap and (topology.tp < 2 or not topology.sp or model.transformer_impl != "te"):
         raise ConfigError(
-            f"topology.tp_comm_overlap=true needs topology.tp > 1, topology.sp=true and model.backend=te (got "
-            f"tp={topology.tp}, sp={str(topology.sp).lower()}, backend={model.backend}); valid: "
+            f"topology.tp_comm_overlap=true needs topology.tp > 1, topology.sp=true and model.transformer_impl=te (got "
+            f"tp={topology.tp}, sp={str(topology.sp).lower()}, transformer_impl={model.transformer_impl}); valid: "
             "topology.tp_comm_overlap=null (on where it can run) or false"
         )
     if topology.sp and topology.tp < 2:
@@ -158,10 +159,10 @@ def check_precision(model: ModelConfig, precision: PrecisionConfig, topology: Op
     fp8 = precision.fp8
     if fp8 is None:
         return
-    if model.backend != "te":
+    if model.transformer_impl != "te":
         raise ConfigError(
-            f"precision.fp8 needs model.backend=te (FP8 runs in Transformer Engine); "
-            f"got model.backend={model.backend}; valid: model.backend=te, or precision.fp8=null"
+            f"precision.fp8 needs model.transformer_impl=te (FP8 runs in Transformer Engine); "
+            f"got model.transformer_impl={model.transformer_impl}; valid: model.transformer_impl=te, or precision.fp8=null"
         )
     if precision.dtype != "bf16":
         raise ConfigError(f"precision.fp8 runs on top of bf16; got precision.dtype={precision.dtype}; valid: bf16")

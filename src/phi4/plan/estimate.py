@@ -48,7 +48,7 @@ def _link(hw: HardwareConfig, span: int) -> tuple[str, float]:
 
 
 def _tp_overlapped(spec: PlanSpec, hw: HardwareConfig) -> bool:
-    return tp_comm_overlap_on(spec.topology, spec.model.backend, on_cuda=hw.collectives != "gloo")
+    return tp_comm_overlap_on(spec.topology, spec.model.transformer_impl, on_cuda=hw.collectives != "gloo")
 
 
 def _layer_tp(spec: PlanSpec, hw: HardwareConfig, gemms: dict, recompute: str) -> dict:

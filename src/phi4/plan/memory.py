@@ -232,7 +232,7 @@ def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None, fuse
         return T * h * e / d
 
     rope = 4 * s * m.head_dim * e  # cos and sin of q and k, [s, 1, 1, head_dim]
-    if m.backend == "local":
+    if m.transformer_impl == "local":
         # RMSNorm (ours): fp32 input (or its fp32 copy), 1/rms, the normalised x in dtype.
         norm = T * (4 * h + 4 + e * h) / d
         qkv_in = T * e * h / d
@@ -256,13 +256,13 @@ def layer_activation_bytes(spec: PlanSpec, recompute: Optional[str] = None, fuse
     # MLP, Megatron-Core's unfused SwiGLU (as measured on the CPU): FC1's output (gate and up),
     # silu(gate), the product; the fused one (bias_swiglu_impl's autograd function) saves FC1's
     # output alone. Then FC2's input as FC2 keeps it (TE in FP8: one byte).
-    mlp = T * e * (2 if fused else 4) * f / tp + T * (1 if (m.backend == "te" and spec.precision.fp8) else e) * f / tp
+    mlp = T * e * (2 if fused else 4) * f / tp + T * (1 if (m.transformer_impl == "te" and spec.precision.fp8) else e) * f / tp
     return 2 * norm + qkv_in + rope + attention + proj_in + fc1_in + mlp
 
 
 def loss_kernel(spec: PlanSpec, gloo: bool = False) -> str:
     """The cross-entropy kernel the plan counts: the spec's, else phi4-train's for its backend."""
-    return spec.cross_entropy or cross_entropy_impl(spec.model.backend, on_cpu=gloo)
+    return spec.cross_entropy or cross_entropy_impl(spec.model.transformer_impl, on_cpu=gloo)
 
 
 def recomputed_layers(spec: PlanSpec, pp_rank: int) -> int:
@@ -328,7 +328,7 @@ def activation_memory(spec: PlanSpec, pp_rank: int = 0, gloo: bool = False) -> A
     # probabilities; under selective recomputation the recomputed probabilities too);
     mlp_backward = T * e * (3 * f / tp + 2 * h / d) + 2 * f // tp * h * e
     attention_backward = 0.0
-    if m.backend == "local":
+    if m.transformer_impl == "local":
         heads, s = m.num_attention_heads // tp, spec.seq_length // t.cp
         probs = spec.micro_batch_size * heads * s * s * (4 + (e if e != 4 else 0))
         attention_backward = probs * (2 if t.recompute == "selective" else 1)

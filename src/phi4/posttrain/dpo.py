@@ -14,20 +14,20 @@ number of pairs, so gradients and the reported loss are means per pair over the 
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from omegaconf import OmegaConf
 
 from phi4.checkpoint.weights import load_model_weights
 from phi4.errors import ConfigError
 from phi4.model.build import build_phi4_model
-from phi4.model.schedule import run_schedule
-from phi4.settings import Dpo
+from phi4.model.pipeline_schedule import run_schedule
+from phi4.settings import Dpo, typed
 from phi4.train.objective import Objective, register
-from phi4.train.step import train_step
+from phi4.train.parts import RunSpec
+from phi4.train.update import Gate, StepResult, forward_backward_update
 
 # What the DPO step reports, summed over pairs (then divided by the pair count).
 REPORT = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
@@ -127,15 +127,16 @@ class DirectPreference(Objective):
     formats = ("preference",)
     rows_per_sample = 2  # a pair: its chosen and its rejected row
 
-    def check(self, trainer) -> None:
+    def check(self, spec: RunSpec) -> None:
         if self.cfg.get("dpo") is None:
             raise ConfigError("train.objective=dpo needs the dpo settings (beta, reference): use stage=dpo")
-        self.settings: Dpo = OmegaConf.to_object(self.cfg.dpo)
-        if trainer.topology.cp > 1:  # a pair's log-probability is a sum over the whole sequence
-            raise ConfigError(f"train.objective=dpo needs topology.cp=1 (got {trainer.topology.cp}): each "
+        self.settings: Dpo = typed(self.cfg, "dpo")
+        topology = spec.settings.topology
+        if topology.cp > 1:  # a pair's log-probability is a sum over the whole sequence
+            raise ConfigError(f"train.objective=dpo needs topology.cp=1 (got {topology.cp}): each "
                               "context-parallel rank would score only its own chunks of every response; "
                               "valid: a layout with topology.cp=1, e.g. topology=h100_1920")
-        self.reference_path = self.settings.reference or trainer.checkpointing.load
+        self.reference_path = self.settings.reference or spec.settings.checkpoint.load
         if not self.reference_path:
             raise ConfigError("train.objective=dpo needs a reference model: set dpo.reference or checkpoint.load "
                               "(the SFT checkpoint)")
@@ -143,19 +144,22 @@ class DirectPreference(Objective):
     def start_points(self) -> list[tuple[str, str]]:
         return [("dpo.reference" if self.settings.reference else "checkpoint.load", self.reference_path)]
 
-    def build(self, trainer) -> None:
-        reference = build_phi4_model(trainer.model, trainer.topology, trainer.precision, config=trainer.config)
+    def build(self, spec: RunSpec, transformer_config) -> None:
+        run = spec.settings
+        reference = build_phi4_model(run.model, run.topology, run.precision, config=transformer_config)
         load_model_weights(reference, self.reference_path)
         self.reference, self.beta = freeze(reference), self.settings.beta
 
-    def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
+    def update(self, model_chunks: list, optimizer, micro_batches: list[dict],
+               gate: Optional[Gate] = None) -> StepResult:
         micro_batches = attach_reference_logps(self.reference, micro_batches)
-        return train_step(ddp_chunks, optimizer, micro_batches, dpo_forward_step(self.beta), reduce_report, self.gate)
+        return forward_backward_update(model_chunks, optimizer, micro_batches, dpo_forward_step(self.beta),
+                                       reduce_report, gate)
 
-    def evaluate(self, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
-        return evaluate_preferences(self.reference, self.beta, chunks, micro_batches)
+    def evaluate(self, model_chunks: list, micro_batches: list[dict]) -> Optional[dict]:
+        return evaluate_preferences(self.reference, self.beta, model_chunks, micro_batches)
 
-    def describe(self, r: dict) -> str:
+    def describe(self, r: Mapping[str, float]) -> str:
         return (f"reward acc {r['reward_accuracy']:.3f} | margin {r['reward_margin']:+.4f} | "
                 f"logp chosen {r['chosen_logp']:.3f} rejected {r['rejected_logp']:.3f}")
 

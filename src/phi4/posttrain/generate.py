@@ -12,7 +12,7 @@ import torch
 
 from phi4.eval.generate import Decoder
 from phi4.eval.sampling import token_logprobs
-from phi4.model.schedule import logits_of_tokens
+from phi4.model.pipeline_schedule import logits_of_tokens
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Pivotal Token Search (PHI4.md, Post-training): find the single tokens of a solution that move the
-chance of a correct answer most, and turn each into a one-token DPO pair. Model-agnostic: a model
-enters only through `PolicyModel`, an answer's correctness only through a `Checker`."""
+"""Pivotal Token Search (docs/model.md, "Pivotal Token Search"): find the single tokens of a
+solution that move the chance of a correct answer most, and turn each into a one-token DPO pair.
+Model-agnostic: a model enters only through `PolicyModel`, an answer's correctness only through a
+`Checker`."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class PTSSettings:
     seed are for the model's sampler (generate.MegatronPolicy); the search itself reads the others."""
 
     samples: int = 16  # rollouts per p estimate; 16 keeps every p a multiple of 1/16
-    p_gap: float = 0.2  # not given in the report (PHI4.md)
+    p_gap: float = 0.2  # not given in the report (docs/model.md, "Pivotal Token Search")
     p_min: float = 0.2
     p_max: float = 0.8
     max_new_tokens: int = 1024
@@ -125,9 +126,10 @@ def logprob_midpoint(logprobs: Sequence[float]) -> int:
 
 def subdivide(estimator: SuccessEstimator, prefix: Sequence[int], segment: Sequence[int],
               p_gap: float) -> list[tuple[list[int], list[int]]]:
-    """PHI4.md's Subdivide: (prefix, segment) pieces in order. A segment is kept whole if it has at
-    most one token or moves p by less than p_gap; otherwise it is cut at `logprob_midpoint` and its
-    left half searched with the same prefix, its right half with prefix + left.
+    """Subdivide (docs/model.md, "Pivotal Token Search"): (prefix, segment) pieces in order. A
+    segment is kept whole if it has at most one token or moves p by less than p_gap; otherwise it is
+    cut at `logprob_midpoint` and its left half searched with the same prefix, its right half with
+    prefix + left.
     An explicit stack, not recursion: a lopsided cut on a long solution is as deep as it is long."""
     prefix, segment = list(prefix), list(segment)
     pieces: list[tuple[int, int]] = []

@@ -29,7 +29,7 @@ from phi4.posttrain.pts_run import merge_parts, run_pts
 from phi4.runtime import device, signals
 from phi4.runtime.distributed import shutdown
 from phi4.runtime.run_dir import RunDirectory
-from phi4.settings import Pts, check_ranges
+from phi4.settings import Pts, check_ranges, typed
 
 log = logging.getLogger("phi4.pts")
 
@@ -57,12 +57,12 @@ def _problems(p: Pts, run_dir: Path, rank: int) -> list[dict]:
 def search(cfg: DictConfig) -> int:
     """Run (or resume) the search; returns the process exit code (75: stopped by a signal)."""
     check_ranges(cfg, ("pts",))
-    p: Pts = OmegaConf.to_object(cfg.pts)
+    p: Pts = typed(cfg, "pts")
     checkpoint = resolve_checkpoint(p.checkpoint, "pts.checkpoint")
     model = ModelConfig.from_dict(checkpoint_common_state(checkpoint)[MODEL_CONFIG_KEY])
     # without sequence parallelism: the KV cache needs whole one-token steps (same weights)
-    topology = decoding_topology(TopologyConfig.from_dict(OmegaConf.to_container(cfg.topology, resolve=True)))
-    precision = PrecisionConfig.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))
+    topology = decoding_topology(typed(cfg, "topology"))
+    precision = typed(cfg, "precision")
     if topology.pp != 1 or topology.cp != 1:
         raise ConfigError(f"phi4-pts samples with whole models per tensor-parallel group: topology.pp={topology.pp} "
                           f"and topology.cp={topology.cp} must be 1 (use topology.tp to split a large model)")

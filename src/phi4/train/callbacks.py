@@ -1,20 +1,24 @@
-"""Per-step extras the entry point hands to the Trainer: each is checked before any process group,
-set up once the parts exist, called after every step, and closed with the run. Validation loss is
-here; generative evaluation is phi4.eval.callback's."""
+"""Per-step extras the entry point hands to the Trainer: each is checked before any process group
+(against the run's `RunSpec`), set up once the parts exist (with the `RunParts` it keeps), called
+after every step, and closed with the run. Validation loss is here; generative evaluation is
+phi4.eval.callback's."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from phi4.data.blend import evaluation_samples
+from phi4.train.parts import RunParts, RunSpec
 
 
 class Callback:
-    def check(self, trainer) -> None:
-        """Its settings, with the trainer's typed settings at hand, before any process group."""
+    def check(self, spec: RunSpec) -> None:
+        """Its settings, with the run's typed settings at hand, before any process group."""
 
-    def setup(self, trainer) -> None:
-        """The trainer's parts exist (model chunks, datasets, metrics)."""
+    def setup(self, parts: RunParts) -> None:
+        """The run's parts exist (model chunks, datasets, metrics): keep what it needs."""
 
-    def after_step(self, trainer, step: int) -> None:
+    def after_step(self, step: int) -> None:
         """After the step's update and its training line, before any save."""
 
     def close(self) -> None:
@@ -23,23 +27,26 @@ class Callback:
 
 class ValidationLoss(Callback):
     """The objective's loss (and figures) on a fixed set of validation samples, every
-    `train.eval_every` steps and at the last step."""
+    `train.valid_every` steps and at the last step."""
 
     def __init__(self):
-        self.every, self.valid = 0, None
+        self.every, self.valid, self.parts = 0, None, None
 
-    def setup(self, trainer) -> None:
-        self.every = trainer.settings.eval_every
+    def setup(self, parts: RunParts) -> None:
+        self.parts, train = parts, parts.spec.settings.train
+        self.every = train.valid_every
         if self.every:
-            self.valid = evaluation_samples(trainer.valid_dataset, trainer.settings.eval_samples, trainer.dp_rank,
-                                            trainer.dp)
+            self.valid: Optional[list] = evaluation_samples(parts.valid_dataset, train.valid_samples, parts.dp_rank,
+                                                            parts.spec.dp_size)
 
-    def after_step(self, trainer, step: int) -> None:
-        if not self.valid or not (step % self.every == 0 or step == trainer.steps):
+    def after_step(self, step: int) -> None:
+        parts = self.parts
+        steps = parts.spec.total_steps
+        if not self.valid or not (step % self.every == 0 or step == steps):
             return
-        val = trainer.objective.evaluate(trainer.ddp, trainer.collate(self.valid))
-        if trainer.is_logger:
-            extra = trainer.objective.describe(val)
+        val = parts.objective.evaluate(parts.model_chunks, parts.collate(self.valid))
+        if parts.is_logger:
+            extra = parts.objective.describe(val)
             extra = f" | {extra}" if extra else ""
-            trainer.metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
-                                  f"step {step:>6}/{trainer.steps} | validation loss {val['loss']:.4f}{extra}")
+            parts.metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
+                                f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{extra}")

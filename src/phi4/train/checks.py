@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from phi4.checkpoint.pointers import resolve_checkpoint
-from phi4.checkpoint.weights import MODEL_CONFIG_KEY, checkpoint_common_state
+from phi4.checkpoint.weights import MODEL_CONFIG_KEY, TRAIN_STATE_KEY, checkpoint_common_state
 from phi4.errors import ConfigError
 from phi4.model.config import ModelConfig
 from phi4.settings import Checkpoint, Optim, Train, check_ranges
@@ -90,7 +90,7 @@ def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing:
     saved = dict(common.get(MODEL_CONFIG_KEY) or {})
     now = dataclasses.asdict(model)
     differ = [f"model.{k} {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
-              if k not in ("backend", "name") and saved[k] != now.get(k)]
+              if k not in ("backend", "transformer_impl", "name") and saved[k] != now.get(k)]
     if differ:
         raise ConfigError(f"{run_dir} holds a run of another model ({'; '.join(differ)}), resumed from {checkpoint}; "
                           "valid: the same model settings, or another run_dir (checkpoint.load= starts from its weights)")
@@ -106,7 +106,8 @@ def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing:
              if k in saved_schedule and saved_schedule[k] != now_schedule[k]]
     if moved and not optim.override_scheduler:
         raise ConfigError(f"{run_dir} was trained on another learning-rate schedule ({'; '.join(moved)}), resumed from "
-                          f"{checkpoint.name} at step {common.get('step')}: set optim.override_scheduler=true to go on "
+                          f"{checkpoint.name} at step {common[TRAIN_STATE_KEY].get('step')}: set optim.override_scheduler=true "
+                          "to go on "
                           "with the new schedule from that step, or keep the run's settings")
     return moved if optim.override_scheduler else []
 

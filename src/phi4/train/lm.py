@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from phi4.model.schedule import run_schedule
+from phi4.model.pipeline_schedule import run_schedule
 from phi4.train.objective import Objective, register
-from phi4.train.step import train_step
+from phi4.train.update import Gate, StepResult, forward_backward_update
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -52,19 +52,19 @@ def evaluate_loss(chunks: list, micro_batches: list[dict]) -> Optional[float]:
     return mean_token_loss(run_schedule(lm_forward_step, chunks, micro_batches, forward_only=True))
 
 
-def lm_train_step(ddp_chunks: list, optimizer, micro_batches: list[dict], gate=None) -> dict:
-    """One optimizer step on the next-token loss."""
-    return train_step(ddp_chunks, optimizer, micro_batches, lm_forward_step, lambda r: {"loss": mean_token_loss(r)},
-                      gate)
+def lm_update(model_chunks: list, optimizer, micro_batches: list[dict], gate: Optional[Gate] = None) -> StepResult:
+    """One optimizer update on the next-token loss."""
+    return forward_backward_update(model_chunks, optimizer, micro_batches, lm_forward_step,
+                                   lambda r: {"loss": mean_token_loss(r)}, gate)
 
 
 @register("lm")
 class LanguageModeling(Objective):
     formats = ("gpt", "packed_chat")
 
-    def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
-        return lm_train_step(ddp_chunks, optimizer, micro_batches, self.gate)
+    def update(self, model_chunks: list, optimizer, micro_batches: list[dict], gate: Optional[Gate] = None) -> StepResult:
+        return lm_update(model_chunks, optimizer, micro_batches, gate)
 
-    def evaluate(self, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
-        loss = evaluate_loss(chunks, micro_batches)
+    def evaluate(self, model_chunks: list, micro_batches: list[dict]) -> Optional[dict]:
+        loss = evaluate_loss(model_chunks, micro_batches)
         return None if loss is None else {"loss": loss}

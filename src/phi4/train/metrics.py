@@ -7,9 +7,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from phi4.runtime import device
+from phi4.train.update import StepResult
 
 log = logging.getLogger("phi4.train")
 
@@ -55,27 +56,28 @@ class StepLog:
     the steps since the last line (tokens/s, model TFLOP/s per GPU, MFU against `peak`), memory."""
 
     def __init__(self, metrics: MetricsWriter, steps: int, tokens_per_step: int, flops_per_token: float,
-                 world_size: int, peak: Optional[float]):
+                 world_size: int, peak: Optional[float], memory_gb: Optional[Callable[[], float]] = None):
         self.metrics, self.steps, self.tokens_per_step = metrics, steps, tokens_per_step
         self.flops_per_token, self.world_size, self.peak = flops_per_token, world_size, peak
+        self.memory_gb = memory_gb or (lambda: device.current().memory_gb())
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def write(self, step: int, result: dict, lr: float, skipped: int, describe: Callable[[dict], str],
-              ranks: Optional[dict] = None) -> None:
+    def write(self, step: int, result: StepResult, lr: float, skipped: int,
+              describe: Callable[[Mapping[str, float]], str], ranks: Optional[dict] = None) -> None:
         """Close the window at `step` (every rank: it restarts the clock); the logging rank writes,
         with the objective's own figures (`describe`) in the line."""
         tokens_per_s = self.window_steps * self.tokens_per_step / (time.perf_counter() - self.window_start)
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
         if self.metrics.enabled:  # the loss lives on the last pipeline stage
-            scores = {k: v for k, v in result.items() if k not in ("loss", "grad_norm", "update_successful")}
-            record = dict(step=step, loss=result["loss"], lr=lr, grad_norm=result["grad_norm"],
+            scores = dict(result.figures, **({"spike": result.spike} if result.spike else {}))
+            record = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                           tokens_per_s=tokens_per_s, tflops_per_gpu=tflops,
-                          mfu=tflops / self.peak if self.peak else None, memory_gb=device.current().memory_gb(),
+                          mfu=tflops / self.peak if self.peak else None, memory_gb=self.memory_gb(),
                           skipped_steps=skipped, **scores, **(ranks or {}))
             mfu = f"{100 * record['mfu']:.1f}%" if self.peak else "n/a"
-            described = describe(result)
-            self.metrics.write(record, f"step {step:>6}/{self.steps} | loss {result['loss']:.4f} | lr {lr:.2e} | "
-                                       f"grad norm {result['grad_norm']:.3f} | {described + ' | ' if described else ''}"
+            described = describe(result.figures)
+            self.metrics.write(record, f"step {step:>6}/{self.steps} | loss {result.loss:.4f} | lr {lr:.2e} | "
+                                       f"grad norm {result.grad_norm:.3f} | {described + ' | ' if described else ''}"
                                        f"{tokens_per_s:,.0f} tokens/s | {tflops:.2f} TFLOP/s/GPU | MFU {mfu} | "
                                        f"mem {record['memory_gb']:.1f} GB{_ranks_line(ranks)}")
         self.window_start, self.window_steps = time.perf_counter(), 0

@@ -9,11 +9,13 @@ looks up `train.objective` here and imports none of them by name.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from omegaconf import DictConfig
 
 from phi4.errors import ConfigError
+from phi4.train.parts import RunSpec
+from phi4.train.update import Gate, StepResult
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 
@@ -34,29 +36,33 @@ class Objective:
 
     name = ""
     formats: tuple[str, ...] = ()  # data.format values it reads
-    gate = None  # set by the Trainer: asked with the loss before each update, may veto it (phi4.train.spikes)
     rows_per_sample = 1  # rows a sample becomes in a micro-batch (DPO: chosen and rejected)
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+        self.cfg = cfg  # the composed config: an objective reads its own group from it
 
-    def check(self, trainer) -> None:
-        """Its settings, before any process group exists (the trainer's typed settings are read)."""
+    def check(self, spec: RunSpec) -> None:
+        """Its settings, before any process group exists (the run's typed settings at hand)."""
 
     def start_points(self) -> list[tuple[str, str]]:
         """(setting, path) of each checkpoint it reads weights from, checked before any process group."""
         return []
 
-    def build(self, trainer) -> None:
-        """Called once the policy model exists (its config, layout and chunks are the trainer's)."""
+    def build(self, spec: RunSpec, transformer_config) -> None:
+        """Called once the policy model exists, with its Megatron-Core TransformerConfig (what it
+        builds beside the model, DPO's reference, takes the same layout)."""
 
-    def train_step(self, ddp_chunks: list, optimizer, micro_batches: list[dict]) -> dict:
+    def update(self, model_chunks: list, optimizer, micro_batches: list[dict],
+               gate: Optional[Gate] = None) -> StepResult:
+        """Forward, backward and the optimizer's update over one global batch's micro-batches;
+        `gate` (phi4.train.spikes), asked with the loss first, may veto the update."""
         raise NotImplementedError
 
-    def evaluate(self, chunks: list, micro_batches: list[dict]) -> Optional[dict]:
+    def evaluate(self, model_chunks: list, micro_batches: list[dict]) -> Optional[dict]:
+        """{"loss": ..., its own figures} without a backward pass (None off the last pipeline stage)."""
         raise NotImplementedError
 
-    def describe(self, result: dict) -> str:
+    def describe(self, figures: Mapping[str, float]) -> str:
         """Its own figures for the console line ('' for none)."""
         return ""
 
@@ -65,15 +71,15 @@ class Objective:
         return tokens_per_step, flops_per_token
 
 
-def objective_for(trainer) -> Objective:
+def objective_for(spec: RunSpec) -> Objective:
     """The configured objective (`train.objective`), checked: a registered name, reading the run's
     data format, its own settings valid."""
-    name = trainer.settings.objective
+    name = spec.settings.train.objective
     if name not in OBJECTIVES:
         raise ConfigError(f"train.objective={name!r}; valid: {', '.join(OBJECTIVES)}")
-    objective = OBJECTIVES[name](trainer.cfg)
-    if trainer.data_format.name not in objective.formats:
+    objective = OBJECTIVES[name](spec.cfg)
+    if spec.data_format.name not in objective.formats:
         raise ConfigError(f"train.objective={name} reads data.format {' or '.join(objective.formats)}, "
-                          f"not {trainer.data_format.name}")
-    objective.check(trainer)
+                          f"not {spec.data_format.name}")
+    objective.check(spec)
     return objective

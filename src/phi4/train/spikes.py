@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -34,12 +36,15 @@ def agreed_loss(loss: Optional[float]) -> float:
 class SpikeGuard:
     """The gate the objectives' step asks before the optimizer's update (phi4.train.step)."""
 
-    def __init__(self, sigmas: float, window: int, state):
-        self.sigmas, self.window, self.state = sigmas, window, state  # the window is state.recent_losses
+    def __init__(self, sigmas: float, window: int, state,
+                 agree: Callable[[Optional[float]], float] = agreed_loss):
+        # the window is state.recent_losses (read at each call: loading a checkpoint replaces it);
+        # `agree` makes the loss every rank's (the pipeline's broadcast)
+        self.sigmas, self.window, self.state, self.agree = sigmas, window, state, agree
 
     def __call__(self, loss: Optional[float]) -> Optional[str]:
         """Why this step's update must not be applied, or None (then its loss joins the window)."""
-        loss = agreed_loss(loss)
+        loss = self.agree(loss)
         if not math.isfinite(loss):
             return f"the loss is {loss}"
         recent = self.state.recent_losses
@@ -56,25 +61,38 @@ class SpikeGuard:
 ACTIONS = ("skip", "rewind")
 
 
-def respond(trainer, result: dict, first_sample: int) -> bool:
-    """After a vetoed step: log it, and with train.spike_action=rewind go back to the last
-    checkpoint and past the offending batch. Returns True when the run went back (the step is undone)."""
-    state, end = trainer.state, trainer.batches.consumed
-    action = trainer.settings.spike_action
+@dataclass(frozen=True)
+class Rewound:
+    """A spiked step undone: the run went back to `checkpoint` (step `back_to`) and skips samples
+    [first_skipped, resume_at) of the data; `Trainer.step` returns it instead of a StepResult."""
+
+    spiked_at: int
+    checkpoint: Path
+    back_to: int
+    first_skipped: int
+    resume_at: int
+
+
+def respond(action: str, why: str, state, first_sample: int, end: int, checkpointer,
+            log_info: Callable[[str], None]) -> Optional[Rewound]:
+    """After a vetoed step over samples [first_sample, end): log it, and with
+    train.spike_action=rewind restore every part from the last checkpoint (`checkpointer.load`,
+    the TrainState included) and record the samples skipped from there to `end`. Returns the
+    Rewound, or None when the batch was only skipped; the caller moves its batches to `end`."""
     target = None
     if action == "rewind":
-        trainer.checkpointer.wait()
-        target = latest_checkpoint(trainer.run_dir)
+        checkpointer.wait()
+        target = latest_checkpoint(checkpointer.run_dir)
     if target is None:
         state.skipped_windows.append([first_sample, end])
-        trainer.log_info(f"step {state.step}: update skipped: {result['spike']}; samples {first_sample}-{end - 1} "
-                         f"not trained on{' (no checkpoint yet to go back to)' if action == 'rewind' else ''}")
-        return False
+        log_info(f"step {state.step}: update skipped: {why}; samples {first_sample}-{end - 1} not trained on"
+                 f"{' (no checkpoint yet to go back to)' if action == 'rewind' else ''}")
+        return None
     spiked_at = state.step
-    saved = trainer.checkpointer.load(target, trainer.ddp, trainer.optimizer, trainer.scheduler, trainer.layout)
-    state.load_state_dict(saved)
+    checkpointer.load(target)
+    rewound = Rewound(spiked_at, target, state.step, state.consumed_samples, end)
     state.skipped_windows.append([state.consumed_samples, end])
-    trainer.log_info(f"step {spiked_at}: {result['spike']}; back to {target.name} (step {state.step}), "
-                     f"skipping samples {state.consumed_samples}-{end - 1}")
-    state.consumed_samples = trainer.batches.consumed = end
-    return True
+    log_info(f"step {spiked_at}: {why}; back to {target.name} (step {state.step}), skipping samples "
+             f"{state.consumed_samples}-{end - 1}")
+    state.consumed_samples = end
+    return rewound

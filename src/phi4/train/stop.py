@@ -12,6 +12,7 @@ import torch
 
 from phi4.runtime import device, signals
 from phi4.settings import Train
+from phi4.train.update import StepResult
 
 log = logging.getLogger("phi4.train")
 
@@ -29,17 +30,17 @@ class StopPolicy:
         signals.install()  # already done by the entry points; here for other callers
         self.train, self.started, self.in_a_row = train, time.monotonic(), 0
 
-    def after_update(self, step: int, result: dict, latest_checkpoint, is_logger: bool) -> None:
+    def after_update(self, step: int, result: StepResult, latest_checkpoint, is_logger: bool) -> None:
         """Count non-finite steps in a row (every rank sees the same, the norm being all-reduced);
         too many raise TrainingStopped."""
-        if result.get("spike"):
+        if result.spike:
             return  # the spike policy's (phi4.train.spikes), not a non-finite gradient
-        if result["update_successful"]:
+        if result.update_successful:
             self.in_a_row = 0
             return
         self.in_a_row += 1
         if is_logger:
-            log.warning(f"step {step}: non-finite gradient norm ({result['grad_norm']}); update skipped")
+            log.warning(f"step {step}: non-finite gradient norm ({result.grad_norm}); update skipped")
         limit = self.train.max_nonfinite_in_a_row
         if self.in_a_row >= limit:
             raise TrainingStopped(

@@ -1,37 +1,55 @@
-"""One optimizer step over Megatron-Core's pipeline schedules: forward and backward of a forward
+"""One optimizer update over Megatron-Core's pipeline schedules: forward and backward of a forward
 step function over the micro-batches, then the optimizer's update, skipped when the gradient norm
 is not finite. The objectives (phi4.train.lm, phi4.posttrain.dpo) supply the forward step and the
-reduction of its reports."""
+reduction of its reports; what an update did is a `StepResult`."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-from phi4.model.schedule import run_schedule
+from phi4.model.pipeline_schedule import run_schedule
+
+# Asked with the step's loss before the update; returns why the update must not be applied, or None.
+Gate = Callable[[Optional[float]], Optional[str]]
 
 
-def train_step(ddp_chunks: list, optimizer, micro_batches: list[dict], forward_step,
-               reduce: Callable[[list[dict]], Optional[dict]],
-               gate: Optional[Callable[[Optional[float]], Optional[str]]] = None) -> dict:
-    """Forward and backward over the micro-batches, then one optimizer step.
+@dataclass
+class StepResult:
+    """What one global batch's update did.
 
-    Returns `reduce`'s figures (at least `loss`; None off the last pipeline stage), `grad_norm`,
-    and `update_successful` (False when the gradient norm was not finite: no update). `gate`
-    (phi4.train.spikes), asked with the loss before the update, may veto it: then `spike` says why.
-    """
-    for chunk in ddp_chunks:
+    `loss` is None off the last pipeline stage; `grad_norm` is NaN when a gate vetoed the update
+    and None when fp16 loss scaling found inf/nan; `figures` holds the objective's own reductions
+    (DPO's rewards and accuracy), by name; `spike` says why the gate vetoed the update."""
+
+    loss: Optional[float]
+    grad_norm: Optional[float]
+    update_successful: bool
+    figures: dict[str, float] = field(default_factory=dict)
+    spike: Optional[str] = None
+
+
+def forward_backward_update(model_chunks: list, optimizer, micro_batches: list[dict], forward_step,
+                            reduce: Callable[[list[dict]], Optional[dict]], gate: Optional[Gate] = None) -> StepResult:
+    """Forward and backward over the micro-batches, then one optimizer update.
+
+    `reduce` turns the micro-batches' reports into figures (at least `loss`; None off the last
+    pipeline stage). The update is skipped when the gradient norm is not finite, or when `gate`
+    (phi4.train.spikes), asked with the loss first, vetoes it."""
+    for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = run_schedule(forward_step, ddp_chunks, micro_batches, forward_only=False)
-    figures = {"loss": None, **(reduce(reports) or {})}
-    veto = gate(figures["loss"]) if gate is not None else None
+    reports = run_schedule(forward_step, model_chunks, micro_batches, forward_only=False)
+    figures = dict(reduce(reports) or {})
+    loss = figures.pop("loss", None)
+    veto = gate(loss) if gate is not None else None
     if veto:
-        return {**figures, "grad_norm": math.nan, "update_successful": False, "spike": veto}
+        return StepResult(loss, math.nan, False, figures, spike=veto)
     update_successful, grad_norm = _optimizer_step(optimizer)
-    return {**figures, "grad_norm": grad_norm, "update_successful": update_successful}
+    return StepResult(loss, grad_norm, update_successful, figures)
 
 
 def _optimizer_step(optimizer) -> tuple[bool, Optional[float]]:
