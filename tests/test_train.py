@@ -6,6 +6,7 @@ is killed, in tests/test_stage_chain.py."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,6 +115,11 @@ def test_default_run(default_run, capsys):
     assert [r["step"] for r in train_records] == [4, 8, 12]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "memory_gb"} <= set(train_records[0])
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.5
+    # Megatron-LM's consumed samples and time per step, and the ETA at that pace (4 samples a step)
+    assert [r["consumed_samples"] for r in train_records] == [16, 32, 48]
+    assert all(r["ms_per_step"] > 0 for r in train_records) and train_records[-1]["eta_s"] == 0
+    assert train_records[0]["eta_s"] == pytest.approx(8 * train_records[0]["ms_per_step"] / 1000)
+    assert re.search(r"step +4/12 \| loss .* \| 16 samples \| [\d,]+ ms/step \| ETA 0:\d\d:\d\d \| ", out.stderr + out.stdout)
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
     assert latest(tmp_path) == "step_0000012"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000008", "step_0000012"]

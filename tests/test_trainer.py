@@ -168,8 +168,21 @@ def _spikes(run_dir, cache) -> dict:
     return seen
 
 
+def _profiled(run_dir, cache) -> dict:
+    from phi4.train.trainer import Trainer
+
+    cfg = _cfg(run_dir, cache, "train.steps=4", "train.tensorboard=false", "checkpoint.every=0", "profile.kind=torch",
+               "profile.first_step=2", "profile.last_step=3")
+    with Trainer(cfg, []) as trainer:
+        code = trainer.train()
+    traces = sorted((run_dir / "profile").iterdir())
+    names = {event.get("name") for event in json.loads(traces[0].read_text())["traceEvents"]} if traces else set()
+    return dict(code=code, traces=[t.name for t in traces], names=sorted(n for n in names if isinstance(n, str)))
+
+
 def _all(run_dir, cache) -> dict:
-    return dict(closing=_closing(run_dir / "closing", cache), spikes=_spikes(run_dir / "spikes", cache))
+    return dict(closing=_closing(run_dir / "closing", cache), spikes=_spikes(run_dir / "spikes", cache),
+                profiled=_profiled(run_dir / "profiled", cache))
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +235,13 @@ def test_a_spike_is_skipped_or_rewound_and_a_resumed_run_chooses_alike(runs):
     code, state = seen["resumed"]
     assert code == 0 and state["skipped_windows"] == [[48, 56]]
     assert seen["resumed_losses"] == seen["rewind_losses"]
+
+
+def test_profile_kind_torch_traces_the_window_of_a_training_run(runs):
+    """profile.kind=torch over steps 2-3 of 4: one trace in run_dir/profile/, holding those two
+    steps (forward, backward and the optimizer's operators) and no other."""
+    seen = runs["profiled"]
+    assert seen["code"] == 0 and seen["traces"] == ["rank00000_steps2-3.pt.trace.json"]
+    names = set(seen["names"])
+    assert {"phi4 step 2", "phi4 step 3"} <= names and not {"phi4 step 1", "phi4 step 4"} & names
+    assert {"aten::mm", "autograd::engine::evaluate_function: MmBackward0"} & names

@@ -116,7 +116,8 @@ def test_the_step_log_writes_one_record_and_one_line_per_window(tmp_path, caplog
     result = StepResult(loss=2.5, grad_norm=0.75, update_successful=True, figures={"reward_accuracy": 0.6})
     with caplog.at_level(logging.INFO, logger="phi4.train"):
         log.write(4, result, lr=3e-4, skipped=1, describe=lambda f: f"acc {f['reward_accuracy']:.1f}",
-                  ranks={"rank_time_min_s": 0.1, "rank_time_max_s": 0.2, "slowest_rank": 1, "slowest_host": "n2"})
+                  ranks={"rank_time_min_s": 0.1, "rank_time_max_s": 0.2, "slowest_rank": 1, "slowest_host": "n2"},
+                  consumed_samples=16)
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 4 and record["loss"] == 2.5 and record["lr"] == 3e-4 and record["grad_norm"] == 0.75
     assert record["tokens_per_s"] == pytest.approx(2000, rel=0.05)  # 4 x 1000 tokens in about 2 s
@@ -125,12 +126,23 @@ def test_the_step_log_writes_one_record_and_one_line_per_window(tmp_path, caplog
     assert record["memory_gb"] == 1.5 and record["skipped_steps"] == 1 and record["reward_accuracy"] == 0.6
     assert record["slowest_host"] == "n2" and "spike" not in record
     (line,) = [r.getMessage() for r in caplog.records]
-    assert line.startswith("step      4/10 | loss 2.5000 | lr 3.00e-04 | grad norm 0.750 | acc 0.6 | ")
+    # 500 ms a step over the window; 6 steps left to the stage's end: 3 s
+    assert record["consumed_samples"] == 16
+    assert record["ms_per_step"] == pytest.approx(500, rel=0.05) and record["eta_s"] == pytest.approx(3, rel=0.05)
+    assert line.startswith("step      4/10 | loss 2.5000 | lr 3.00e-04 | grad norm 0.750 | acc 0.6 | 16 samples | ")
+    assert " ms/step | ETA 0:00:03 | " in line
     assert line.endswith("mem 1.5 GB | ranks 0.100-0.200 s to gradients, slowest 1 on n2")
     assert log.window_steps == 0  # the next window starts
     vetoed = StepResult(loss=9.0, grad_norm=math.nan, update_successful=False, spike="the loss is 9")
     log.write(5, vetoed, lr=3e-4, skipped=2, describe=lambda f: "")
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["spike"] == "the loss is 9"
+
+
+def test_durations_read_as_hours_minutes_seconds():
+    from phi4.train.metrics import duration
+
+    assert duration(59.6) == "0:01:00" and duration(3 * 3600 + 62) == "3:01:02"
+    assert duration(2 * 86400 + 5) == "2d 0:00:05" and duration(-3) == "0:00:00"
 
 
 def test_settings_are_typed_one_way_and_a_deprecated_name_still_works_warning_once(tmp_path, caplog):
@@ -196,3 +208,67 @@ def test_model_backend_is_now_transformer_impl_and_old_checkpoints_say_backend(t
     saved = dataclasses.asdict(model)  # a checkpoint's model config from before the rename
     saved["backend"] = saved.pop("transformer_impl")
     assert ModelConfig.from_dict(saved) == model
+
+
+def _profile(**values):
+    from phi4.settings import Profile
+
+    return Profile(**{"kind": "torch", "first_step": 2, "last_step": 3, **values})
+
+
+def _names(trace_file) -> set:
+    return {event.get("name") for event in json.loads(trace_file.read_text())["traceEvents"]}
+
+
+def test_the_profiler_traces_its_window_of_steps_on_its_ranks(tmp_path):
+    import torch
+
+    from phi4.train.profiling import StepProfiler
+
+    lines = []
+    here = StepProfiler(_profile(), rank=0, run_dir=tmp_path, on_cuda=False, log_info=lines.append)
+    elsewhere = StepProfiler(_profile(), rank=1, run_dir=tmp_path, on_cuda=False)
+    for step in range(1, 6):
+        for profiler in (here, elsewhere):
+            profiler.step_started(step)
+        torch.mm(torch.ones(8, 8), torch.ones(8, 8))
+        for profiler in (here, elsewhere):
+            profiler.step_ended(step)
+    (trace,) = (tmp_path / "profile").iterdir()  # rank 1 is not in profile.ranks=[0]
+    assert trace.name == "rank00000_steps2-3.pt.trace.json"
+    names = _names(trace)
+    assert {"phi4 step 2", "phi4 step 3", "aten::mm"} <= names and not {"phi4 step 1", "phi4 step 4"} & names
+    assert lines == ["profile: recording from step 2 to step 3 (torch)", f"profile: steps 2-3 traced to {trace}"]
+
+
+def test_a_run_stopped_or_resumed_inside_the_window_writes_what_it_recorded(tmp_path):
+    import torch
+
+    from phi4.train.profiling import StepProfiler
+
+    profiler = StepProfiler(_profile(first_step=2, last_step=6, ranks=[]), rank=3, run_dir=tmp_path, on_cuda=False,
+                            log_info=lambda line: None)
+    for step in (4, 5):  # resumed at step 3: recording starts with step 4
+        profiler.step_started(step)
+        torch.mm(torch.ones(4, 4), torch.ones(4, 4))
+        profiler.step_ended(step)
+    profiler.close()  # stopped after step 5
+    (trace,) = (tmp_path / "profile").iterdir()
+    assert trace.name == "rank00003_steps4-stop.pt.trace.json"
+    assert {"phi4 step 4", "phi4 step 5"} <= _names(trace)
+
+
+@pytest.mark.parametrize("values, device, message", [
+    (dict(kind="perf"), "cpu", "profile.kind='perf'; valid: none, torch, nsys"),
+    (dict(first_step=5, last_step=4), "cpu", "profile.last_step=4 is before profile.first_step=5"),
+    (dict(kind="nsys"), "cpu", "profile.kind=nsys needs CUDA (a CUDA profiler capture range); valid here: torch or none"),
+    (dict(kind="none", memory_snapshot_on_oom=True), "cpu", "profile.memory_snapshot_on_oom=true needs CUDA"),
+])
+def test_profile_settings_that_cannot_work_are_refused_by_name(values, device, message):
+    from phi4.errors import ConfigError
+    from phi4.train.profiling import check_profile
+
+    with pytest.raises(ConfigError) as err:
+        check_profile(_profile(**values), device)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    check_profile(_profile(kind="nsys", memory_snapshot_on_oom=True), "cuda")  # fine on a GPU

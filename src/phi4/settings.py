@@ -141,6 +141,19 @@ class Fault:
 
 
 @dataclass
+class Profile:
+    """A window of steps profiled (Megatron-LM's --profile, --profile-step-start/end, --profile-ranks)."""
+
+    kind: str = "none"  # none | torch (a Chrome/TensorBoard trace) | nsys (a CUDA profiler capture range)
+    first_step: int = number(default=11, at_least=1, meaning="the first step profiled")
+    last_step: int = number(default=12, at_least=1, meaning="the last step profiled")
+    ranks: List[int] = field(default_factory=lambda: [0])  # the ranks that profile; [] every rank
+    record_shapes: bool = False  # torch: operators' input shapes; nsys: NVTX ranges with shapes (emit_nvtx)
+    with_stack: bool = False  # torch: Python stacks of each operator
+    memory_snapshot_on_oom: bool = False  # CUDA: the allocator's history kept, dumped on an out-of-memory error
+
+
+@dataclass
 class Dpo:
     beta: float = number(above=0, meaning="the DPO temperature")
     reference: Optional[str] = None
@@ -213,7 +226,8 @@ def _unfrozen(cls: type, renamed: tuple[str, ...] = (), **nested: type) -> type:
 
 FP8 = _unfrozen(FP8Config)
 SCHEMAS: dict[str, type] = {
-    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "fault": Fault, "dpo": Dpo, "eval": Eval,
+    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "fault": Fault, "profile": Profile,
+    "dpo": Dpo, "eval": Eval,
     "pts": Pts, "plan": Plan, "stage": Stage,
     "model": _unfrozen(ModelConfig, renamed=("backend",)), "topology": _unfrozen(TopologyConfig),
     "precision": _unfrozen(PrecisionConfig, fp8=FP8), "hardware": _unfrozen(HardwareConfig),
@@ -308,6 +322,7 @@ class RunSettings:
     checkpoint: Checkpoint
     data: Data
     fault: Fault
+    profile: Profile
     model: ModelConfig
     topology: TopologyConfig
     precision: PrecisionConfig
@@ -316,7 +331,7 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RunSettings":
-        groups = ("train", "optim", "checkpoint", "data", "fault", "model", "topology", "precision")
+        groups = ("train", "optim", "checkpoint", "data", "fault", "profile", "model", "topology", "precision")
         return cls(**{g: typed(cfg, g) for g in groups}, seed=cfg.seed, run_dir=Path(cfg.run_dir))
 
 

@@ -66,6 +66,7 @@ from phi4.train.metrics import MetricsWriter, StepLog
 from phi4.train.objective import Objective, objective_for
 from phi4.train.parts import RunParts, RunSpec
 from phi4.train.optimizer import build_optimizer, build_scheduler, schedule, wrap_ddp
+from phi4.train.profiling import StepProfiler, check_profile
 from phi4.train.stop import EXIT_RESUMABLE, StopPolicy, TrainingStopped
 from phi4.train.stragglers import StepTimes
 from phi4.train.update import StepResult
@@ -125,6 +126,7 @@ class Trainer:
     checkpointer: RunCheckpointer  # owns the states dict: model, optimizer, scheduler, train_state
     layout: dict[str, Optional[int]]  # tp, pp, vp, cp, dp
     spike_guard: Optional[spikes.SpikeGuard]
+    profiler: StepProfiler  # profile.*: a window of steps traced, the memory history on OOM
     valid_dataset: object
     collate: Collate
     dp_rank: int
@@ -178,6 +180,7 @@ class Trainer:
         dp_size = run.topology.data_parallel_size(self.launch.world_size)
         steps = total_steps(run.train)
         check_training(run.train, run.optim, run.data.split, run.run_dir, dp_size, steps, run.model)
+        check_profile(run.profile, device.kind())
         self.spec = RunSpec(cfg, run, steps, dp_size, fmt)
         self.objective = objective_for(self.spec)
         for callback in self.callbacks:
@@ -206,6 +209,8 @@ class Trainer:
         self.stop = StopPolicy(t)
         rank = torch.distributed.get_rank()
         self.run_files.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        self.profiler = StepProfiler(run.profile, rank, run.run_dir, self.device.is_cuda)
+        self._closing.callback(self.profiler.close)
         topology = run.topology
         sources = prepare_sources(run.data, self.spec.data_format, t.seq_length, rank, run.model.vocab_size,
                                   self.thd_multiple, f"topology.cp={topology.cp} (tp={topology.tp}, "
@@ -329,13 +334,14 @@ class Trainer:
         step_log = StepLog(self.metrics, steps, tokens, flops, self.launch.world_size,
                            self.device.peak_tflops(t.peak_tflops))
         while state.step < steps:
-            result = self.step()
+            with self.profiler.snapshot_on_oom():
+                result = self.step()
             if isinstance(result, Rewound):  # back at a checkpoint's step (train.spike_action=rewind)
                 continue
             step_log.window_steps += 1
             if state.step % t.log_every == 0 or state.step == steps:
                 step_log.write(state.step, result, self.optimizer.param_groups[0]["lr"], state.skipped_steps,
-                               self.objective.describe, self.step_times.report(state.step))
+                               self.objective.describe, self.step_times.report(state.step), state.consumed_samples)
             with self.watchdog.allow(f"the callbacks after step {state.step}", self.hang_allowances_s.get("save")):
                 for callback in self.callbacks:
                     callback.after_step(state.step)
@@ -356,12 +362,14 @@ class Trainer:
         """One global batch: the objective's update, the schedule, the non-finite count; or, when a
         spike sends the run back to its last checkpoint (train.spike_action=rewind), the Rewound."""
         self.step_times.step_started()
+        self.profiler.step_started(self.state.step + 1)
         self.faults.inside_step(self.state.step + 1)
         first = self.batches.consumed
         micro_batches = self.collate(self.batches.next())
         self.faults.corrupt(first, self.batches.consumed, micro_batches)
         result = self.objective.update(self.model_chunks, self.optimizer, micro_batches, self.spike_guard)
         self.step_times.step_ended()
+        self.profiler.step_ended(self.state.step + 1)
         self.state.step += 1
         self.watchdog.arm(f"step {self.state.step + 1}", self.hang_allowances_s.get("step"))
         self.state.consumed_samples = self.batches.consumed
