@@ -31,7 +31,9 @@ setup(
         "transformers>=4.50,<6",  # phi4-convert mcore-to-hf exports the tokenizer (and --verify's reference)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Experiment trackers (tracking.wandb, tracking.mlflow); the suite tests both for real.
+        "tracking": ["wandb>=0.19", "mlflow-skinny>=2.16"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "wandb>=0.19", "mlflow-skinny>=2.16"],
         # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
         "gpu": ["transformer-engine[pytorch]>=2.4"],
     },

@@ -42,14 +42,30 @@ def closure(dist: str) -> set[str]:
     return seen
 
 
+def _importer() -> str:
+    """The module whose code asked for the import being resolved (past importlib's own frames)."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen importlib")
+                                 or frame.f_globals.get("__name__", "").startswith("importlib")):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
 class Undeclared(importlib.abc.MetaPathFinder):
+    """Every undeclared distribution's modules fail to import. The first that phi4's own code asked
+    for is recorded (a soft fallback in phi4 hides a missing dependency); another library's probe
+    of an optional package it can do without (Megatron-Core's timers try `import wandb`) is only
+    refused, as it would be in a wheel installed with its declared dependencies."""
+
     def __init__(self, blocked: dict[str, list[str]]):
         self.blocked, self.first = blocked, None
 
     def find_spec(self, fullname, path=None, target=None):
         top = fullname.partition(".")[0]
         if top in self.blocked:
-            self.first = self.first or f"{top} (from {', '.join(self.blocked[top])})"
+            importer = _importer()
+            if importer == "phi4" or importer.startswith("phi4."):
+                self.first = self.first or f"{top} (from {', '.join(self.blocked[top])})"
             raise ModuleNotFoundError(f"No module named {top!r} (not a declared dependency)", name=top)
         return None
 

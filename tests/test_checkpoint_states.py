@@ -69,13 +69,16 @@ def _states(tmp: Path) -> dict:
     shutil.copytree(DATA, old_run)
     ddp, optimizer, scheduler, state = run_parts()
     seen["fresh_fingerprint"] = weights_fingerprint(ddp)
-    checkpointer = RunCheckpointer(old_run, 1, False, run_states(ddp, optimizer, scheduler, state), layout=LAYOUT)
+    newer_part = RunId("its own")  # a part the old checkpoint has no state for
+    checkpointer = RunCheckpointer(old_run, 1, False, {**run_states(ddp, optimizer, scheduler, state),
+                                                       "run_id": newer_part}, layout=LAYOUT)
     old = latest_checkpoint(old_run)
     common = checkpointer.load(old)
     seen["old_common_keys"] = sorted(common)
     seen["old_saved_fingerprint"] = common["weights_fingerprint"]
     seen["old_loaded_fingerprint"] = weights_fingerprint(ddp)
     seen["old_state"] = state.state_dict()
+    seen["old_newer_part"] = newer_part.value
     seen["old_read_back"] = checkpoint_common_state(old)["train_state"]
     seen["old_scheduler_steps"] = scheduler.num_steps
     seen["old_lr"] = optimizer.param_groups[0]["lr"]
@@ -123,6 +126,7 @@ def tmp_path(tmp_path_factory):
 def test_a_checkpoint_written_before_the_states_dict_loads(seen):
     assert "train_state" in seen["old_common_keys"] and "step" not in seen["old_common_keys"]
     assert seen["old_state"] == WRITTEN and seen["old_read_back"] == WRITTEN
+    assert seen["old_newer_part"] == "its own"  # a part newer than the checkpoint keeps its state
     # its weights: the fingerprint saved with them, not the fresh model's
     assert seen["old_loaded_fingerprint"] == pytest.approx(seen["old_saved_fingerprint"], rel=1e-12)
     assert seen["old_loaded_fingerprint"] != pytest.approx(seen["fresh_fingerprint"], rel=1e-3)

@@ -180,9 +180,84 @@ def _profiled(run_dir, cache) -> dict:
     return dict(code=code, traces=[t.name for t in traces], names=sorted(n for n in names if isinstance(n, str)))
 
 
+def _wandb_history(run_dir) -> dict:
+    """{W&B run id: [(step, loss), ...]} from the offline runs' transaction logs (run-<id>.wandb: W&B's
+    log of 32 KiB blocks of records, each a protobuf Record), read without a server."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def records(path):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B"
+        pos, block, pieces = 7, 32768, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (length == 0 and kind == 0):  # the block's padding
+                pos += left
+                continue
+            pieces += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or a record's last piece
+                yield pieces
+                pieces = b""
+
+    history = {}
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        run_id = None
+        for raw in records(path):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id = record.run.run_id
+            elif kind == "history":
+                items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+                if "loss" in items:
+                    history.setdefault(run_id, []).append((items["_step"], items["loss"]))
+    return history
+
+
+def _tracked(run_dir, cache) -> dict:
+    """W&B (offline) and MLflow (a local file store) beside metrics.jsonl, through a stop at step 2
+    and the resume to step 4."""
+    import os
+
+    import mlflow
+
+    from phi4.checkpoint.weights import checkpoint_common_state
+    from phi4.train.trainer import Trainer
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 keeps the file store for those who ask
+    store = f"file://{run_dir.parent / 'mlruns'}"
+    overrides = ["train.steps=4", "train.tensorboard=false", "checkpoint.every=0", "tracking.wandb=true",
+                 "tracking.wandb_mode=offline", "tracking.mlflow=true", f"tracking.mlflow_tracking_uri={store}",
+                 "tracking.run_name=tracked"]
+    seen = {}
+    with Trainer(_cfg(run_dir, cache, *overrides, "train.exit_interval=2"), []) as trainer:
+        seen["first_code"] = trainer.train()
+    seen["saved_ids"] = checkpoint_common_state(run_dir / "checkpoints" / "step_0000002")["tracking"]
+    with Trainer(_cfg(run_dir, cache, *overrides), []) as trainer:
+        seen["second_code"] = trainer.train()
+    seen["final_ids"] = checkpoint_common_state(run_dir)["tracking"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seen["jsonl"] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    mlflow.set_tracking_uri(store)
+    run_id = seen["final_ids"]["mlflow"]
+    client = mlflow.tracking.MlflowClient()
+    seen["mlflow_loss"] = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+    run = mlflow.get_run(run_id)
+    seen["mlflow_runs"] = len(client.search_runs([run.info.experiment_id]))
+    seen["mlflow_status"], seen["mlflow_name"] = run.info.status, run.info.run_name
+    seen["mlflow_params"] = {k: run.data.params.get(k) for k in ("train.steps", "optim.lr", "model.num_layers")}
+    seen["wandb"] = _wandb_history(run_dir)
+    return seen
+
+
 def _all(run_dir, cache) -> dict:
     return dict(closing=_closing(run_dir / "closing", cache), spikes=_spikes(run_dir / "spikes", cache),
-                profiled=_profiled(run_dir / "profiled", cache))
+                profiled=_profiled(run_dir / "profiled", cache), tracked=_tracked(run_dir / "tracked", cache))
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +320,20 @@ def test_profile_kind_torch_traces_the_window_of_a_training_run(runs):
     names = set(seen["names"])
     assert {"phi4 step 2", "phi4 step 3"} <= names and not {"phi4 step 1", "phi4 step 4"} & names
     assert {"aten::mm", "autograd::engine::evaluate_function: MmBackward0"} & names
+
+
+def test_wandb_and_mlflow_get_what_metrics_jsonl_gets_and_a_resume_continues_their_runs(runs):
+    """tracking.wandb (offline) and tracking.mlflow (a local file store): a run stopped at step 2
+    (exit 75) and resumed to step 4 is one W&B run and one MLflow run, holding every training
+    loss metrics.jsonl holds; their ids are in each checkpoint."""
+    seen = runs["tracked"]
+    assert seen["first_code"] == 75 and seen["second_code"] == 0
+    assert seen["saved_ids"] == seen["final_ids"] and all(seen["final_ids"].values())
+    assert [step for step, _ in seen["jsonl"]] == [1, 2, 3, 4]
+    assert seen["mlflow_loss"] == seen["jsonl"]  # one run, both segments
+    assert seen["mlflow_runs"] == 1 and seen["mlflow_status"] == "FINISHED" and seen["mlflow_name"] == "tracked"
+    assert seen["mlflow_params"] == {"train.steps": "4", "optim.lr": "0.003", "model.num_layers": "2"}
+    assert list(seen["wandb"]) == [seen["final_ids"]["wandb"]]  # one W&B run id across the resume
+    logged = seen["wandb"][seen["final_ids"]["wandb"]]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert [loss for _, loss in logged] == pytest.approx([loss for _, loss in seen["jsonl"]], rel=1e-6)

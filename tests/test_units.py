@@ -272,3 +272,15 @@ def test_profile_settings_that_cannot_work_are_refused_by_name(values, device, m
         check_profile(_profile(**values), device)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     check_profile(_profile(kind="nsys", memory_snapshot_on_oom=True), "cuda")  # fine on a GPU
+
+
+def test_tracking_settings_and_mlflow_parameters():
+    from phi4.errors import ConfigError
+    from phi4.settings import Tracking
+    from phi4.train.tracking import check_tracking, flat_params
+
+    with pytest.raises(ConfigError, match=r"^tracking.wandb_mode='cloud'; valid: online, offline, disabled, or null$"):
+        check_tracking(Tracking(wandb=True, wandb_mode="cloud"))
+    check_tracking(Tracking(wandb=True, mlflow=True, wandb_mode="offline"))  # both installed by the test extra
+    assert flat_params({"train": {"steps": 4, "lr": None}, "seed": 1, "data": {"sources": [{"name": "a"}]}}) == \
+        {"train.steps": "4", "train.lr": "None", "seed": "1", "data.sources": "[{'name': 'a'}]"}

@@ -154,6 +154,20 @@ class Profile:
 
 
 @dataclass
+class Tracking:
+    """Experiment trackers fed the same records as metrics.jsonl, from the rank that logs (each off by default)."""
+
+    run_name: Optional[str] = None  # the trackers' run name; null: the stage's name and the run directory's
+    wandb: bool = False
+    wandb_project: str = "phi4"
+    wandb_entity: Optional[str] = None
+    wandb_mode: Optional[str] = None  # online | offline | disabled; null: W&B's own (WANDB_MODE, its login)
+    mlflow: bool = False
+    mlflow_tracking_uri: Optional[str] = None  # null: MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns)
+    mlflow_experiment: str = "phi4"
+
+
+@dataclass
 class Dpo:
     beta: float = number(above=0, meaning="the DPO temperature")
     reference: Optional[str] = None
@@ -226,7 +240,7 @@ def _unfrozen(cls: type, renamed: tuple[str, ...] = (), **nested: type) -> type:
 
 FP8 = _unfrozen(FP8Config)
 SCHEMAS: dict[str, type] = {
-    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "fault": Fault, "profile": Profile,
+    "train": Train, "optim": Optim, "checkpoint": Checkpoint, "data": Data, "fault": Fault, "profile": Profile, "tracking": Tracking,
     "dpo": Dpo, "eval": Eval,
     "pts": Pts, "plan": Plan, "stage": Stage,
     "model": _unfrozen(ModelConfig, renamed=("backend",)), "topology": _unfrozen(TopologyConfig),
@@ -323,6 +337,7 @@ class RunSettings:
     data: Data
     fault: Fault
     profile: Profile
+    tracking: Tracking
     model: ModelConfig
     topology: TopologyConfig
     precision: PrecisionConfig
@@ -331,7 +346,8 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RunSettings":
-        groups = ("train", "optim", "checkpoint", "data", "fault", "profile", "model", "topology", "precision")
+        groups = ("train", "optim", "checkpoint", "data", "fault", "profile", "tracking", "model", "topology",
+                  "precision")
         return cls(**{g: typed(cfg, g) for g in groups}, seed=cfg.seed, run_dir=Path(cfg.run_dir))
 
 

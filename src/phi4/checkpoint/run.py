@@ -300,7 +300,7 @@ class RunCheckpointer:
         for key, part in self.states.items():
             if isinstance(part, ShardedStateful):
                 part.load_sharded_state_dict(loaded, directory)
-            else:
+            elif key in common:  # a part added after the checkpoint was written keeps its own state
                 part.load_state_dict(common[key])
         if same_layout:
             set_rng_state(loaded["rng_state"])

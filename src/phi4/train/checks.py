@@ -23,7 +23,8 @@ from phi4.train.spikes import ACTIONS
 def check_numbers(cfg: DictConfig) -> None:
     """The loop's groups: each number within the range declared beside its field (phi4.settings),
     no key that is not a setting; and the seed. A typo is one line."""
-    check_ranges(cfg, ("train", "optim", "checkpoint", "data", "fault", "profile", "dpo", "eval"))
+    check_ranges(cfg, ("train", "optim", "checkpoint", "data", "fault", "profile", "tracking", "dpo",
+                       "eval"))
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r}; valid: a whole number at least 0")

@@ -1,5 +1,5 @@
 """What a training step reports: throughput, model FLOP/s and MFU, memory; and where it goes
-(console, `<run_dir>/metrics.jsonl`, TensorBoard)."""
+(console, `<run_dir>/metrics.jsonl`, TensorBoard, and the experiment trackers: phi4.train.tracking)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ log = logging.getLogger("phi4.train")
 class MetricsWriter:
     """Console line, JSONL and TensorBoard for the logging rank (the last pipeline stage's first)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, trackers=None):
+        self.enabled, self.trackers = enabled, trackers  # trackers: phi4.train.tracking.TrackerRuns, or None
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
@@ -38,6 +38,8 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
         if self.tb is not None:

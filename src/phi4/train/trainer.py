@@ -67,6 +67,7 @@ from phi4.train.objective import Objective, objective_for
 from phi4.train.parts import RunParts, RunSpec
 from phi4.train.optimizer import build_optimizer, build_scheduler, schedule, wrap_ddp
 from phi4.train.profiling import StepProfiler, check_profile
+from phi4.train.tracking import TrackerRuns, check_tracking, default_run_name
 from phi4.train.stop import EXIT_RESUMABLE, StopPolicy, TrainingStopped
 from phi4.train.stragglers import StepTimes
 from phi4.train.update import StepResult
@@ -127,6 +128,7 @@ class Trainer:
     layout: dict[str, Optional[int]]  # tp, pp, vp, cp, dp
     spike_guard: Optional[spikes.SpikeGuard]
     profiler: StepProfiler  # profile.*: a window of steps traced, the memory history on OOM
+    trackers: TrackerRuns  # tracking.*: W&B and MLflow runs (their ids a part of the states dict)
     valid_dataset: object
     collate: Collate
     dp_rank: int
@@ -181,6 +183,7 @@ class Trainer:
         steps = total_steps(run.train)
         check_training(run.train, run.optim, run.data.split, run.run_dir, dp_size, steps, run.model)
         check_profile(run.profile, device.kind())
+        check_tracking(run.tracking)
         self.spec = RunSpec(cfg, run, steps, dp_size, fmt)
         self.objective = objective_for(self.spec)
         for callback in self.callbacks:
@@ -235,15 +238,20 @@ class Trainer:
 
         self.is_logger = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 \
             and parallel_state.get_data_parallel_rank() == 0
-        self.metrics = MetricsWriter(run.run_dir, self.is_logger, t.tensorboard)
+        self.trackers = TrackerRuns(run.tracking, run.run_dir, default_run_name(cfg.stage.name, run.run_dir))
+        self.metrics = MetricsWriter(run.run_dir, self.is_logger, t.tensorboard, self.trackers)
         self._closing.callback(self.metrics.close)
         self.state = TrainState()
         self.layout = dict(tp=topology.tp, pp=topology.pp, vp=topology.vp, cp=topology.cp, dp=self.spec.dp_size)
         self.checkpointer = RunCheckpointer(
             run.run_dir, run.checkpoint.keep, run.checkpoint.async_save,
-            run_states(self.model_chunks, self.optimizer, self.scheduler, self.state), self._description, self.layout)
+            {**run_states(self.model_chunks, self.optimizer, self.scheduler, self.state), "tracking": self.trackers},
+            self._description, self.layout)
         self._closing.push(self._end_saves)
         self._restore()
+        # after the restore: a resumed run continues its tracker runs (their ids came with the checkpoint)
+        self.trackers.start(self.is_logger, OmegaConf.to_container(cfg, resolve=True), self.log_info)
+        self._closing.push(self._end_trackers)
         self.spike_guard = spikes.SpikeGuard(t.spike_sigmas, t.spike_window, self.state) \
             if t.spike_sigmas is not None else None
         self.log_info(model_summary(run.model, topology, chunks,
@@ -309,6 +317,12 @@ class Trainer:
     def log_info(self, line: str) -> None:
         if self.is_logger:
             log.info(line)
+
+    def _end_trackers(self, kind, err, tb) -> bool:
+        """The tracker runs end as finished, or as failed when the run failed (a resumable stop is
+        a return, not a failure)."""
+        self.trackers.close(failed=kind is not None)
+        return False
 
     def _end_saves(self, kind, err, tb) -> bool:
         """A background save still running is finished, unless the run failed on one rank alone:
