@@ -255,9 +255,23 @@ def _tracked(run_dir, cache) -> dict:
     return seen
 
 
+def _by_source(run_dir, cache) -> dict:
+    """Two sources (data=synthetic_midtrain: long documents and recall problems): validation per source."""
+    from phi4.train.callbacks import ValidationLoss
+    from phi4.train.trainer import Trainer
+
+    cfg = _cfg(run_dir, cache, "data=synthetic_midtrain", "data.synthetic.problems=600", "train.steps=2",
+               "train.valid_every=2", "train.valid_samples=4", "train.tensorboard=false", "checkpoint.every=0")
+    with Trainer(cfg, [ValidationLoss()]) as trainer:
+        trainer.train()
+        sizes = {name: len(d) for name, d in trainer.valid_by_source.items()}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return dict(sizes=sizes, valid=[r for r in records if "val_loss" in r])
+
+
 def _all(run_dir, cache) -> dict:
     return dict(closing=_closing(run_dir / "closing", cache), spikes=_spikes(run_dir / "spikes", cache),
-                profiled=_profiled(run_dir / "profiled", cache), tracked=_tracked(run_dir / "tracked", cache))
+                profiled=_profiled(run_dir / "profiled", cache), tracked=_tracked(run_dir / "tracked", cache), by_source=_by_source(run_dir / "by_source", cache))
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +351,13 @@ def test_wandb_and_mlflow_get_what_metrics_jsonl_gets_and_a_resume_continues_the
     logged = seen["wandb"][seen["final_ids"]["wandb"]]
     assert [step for step, _ in logged] == [1, 2, 3, 4]
     assert [loss for _, loss in logged] == pytest.approx([loss for _, loss in seen["jsonl"]], rel=1e-6)
+
+
+def test_validation_loss_is_reported_per_source_beside_the_blend(runs):
+    seen = runs["by_source"]
+    assert set(seen["sizes"]) == {"long_documents", "recall"} and all(seen["sizes"].values())
+    (record,) = seen["valid"]
+    assert record["step"] == 2
+    losses = [record["val_loss"], record["val_loss/long_documents"], record["val_loss/recall"]]
+    assert all(math.isfinite(x) and x > 0 for x in losses)
+    assert record["val_loss/long_documents"] != record["val_loss/recall"]  # each source's own samples

@@ -57,6 +57,7 @@ class Train:
     log_every: int = number(at_least=1, meaning="steps between training lines")
     valid_every: int = number(at_least=0, meaning="steps between validation losses; 0 never")
     valid_samples: int = number(at_least=0, meaning="validation samples")
+    valid_per_source: bool = True  # with several data sources: each one's validation loss beside the blend's
     max_wall_minutes: Optional[float] = number(above=0, meaning="minutes before a resumable stop")
     exit_interval: Optional[int] = number(at_least=1, meaning="steps between resumable stops")
     max_nonfinite_in_a_row: int = number(at_least=1, meaning="skipped steps in a row before the run stops")

@@ -49,6 +49,17 @@ class DataFormat:
                  seed: int) -> tuple:
         raise NotImplementedError
 
+    def valid_by_source(self, data: Data, sources: list, seq_length: int, valid_samples: int,
+                        seed: int) -> dict:
+        """{source name: that source's validation split alone} (a source without one is left out):
+        each source as a blend of one, split as in the blend."""
+        valid = {}
+        for source in sources:
+            _, dataset = self.datasets(data, [source], seq_length, 1, valid_samples, seed)
+            if dataset is not None and len(dataset):
+                valid[source.name] = dataset
+        return valid
+
     def collate(self, samples: list[dict], micro_batch_size: int, packed_attention: str,
                 sequence_multiple: int = 1) -> list[dict]:
         """Micro-batches of [micro_batch, seq] tensors (on the CPU; the step moves them). Packed

@@ -27,17 +27,23 @@ class Callback:
 
 class ValidationLoss(Callback):
     """The objective's loss (and figures) on a fixed set of validation samples, every
-    `train.valid_every` steps and at the last step."""
+    `train.valid_every` steps and at the last step: the blend's (`val_loss`, `val_<figure>`), and
+    with several sources each source's alone (`val_loss/<source>`, `val_<figure>/<source>`), so a
+    regression in one source is not averaged away."""
 
     def __init__(self):
-        self.every, self.valid, self.parts = 0, None, None
+        self.every, self.valid, self.by_source, self.parts = 0, None, {}, None
 
     def setup(self, parts: RunParts) -> None:
         self.parts, train = parts, parts.spec.settings.train
         self.every = train.valid_every
         if self.every:
-            self.valid: Optional[list] = evaluation_samples(parts.valid_dataset, train.valid_samples, parts.dp_rank,
-                                                            parts.spec.dp_size)
+            def samples(dataset):
+                return evaluation_samples(dataset, train.valid_samples, parts.dp_rank, parts.spec.dp_size)
+
+            self.valid: Optional[list] = samples(parts.valid_dataset)
+            self.by_source = {name: rows for name, rows in
+                              ((name, samples(d)) for name, d in parts.valid_by_source.items()) if rows}
 
     def after_step(self, step: int) -> None:
         parts = self.parts
@@ -45,8 +51,14 @@ class ValidationLoss(Callback):
         if not self.valid or not (step % self.every == 0 or step == steps):
             return
         val = parts.objective.evaluate(parts.model_chunks, parts.collate(self.valid))
+        per_source = {name: parts.objective.evaluate(parts.model_chunks, parts.collate(rows))
+                      for name, rows in self.by_source.items()}
         if parts.is_logger:
             extra = parts.objective.describe(val)
             extra = f" | {extra}" if extra else ""
-            parts.metrics.write(dict(step=step, **{f"val_{k}": v for k, v in val.items()}),
-                                f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{extra}")
+            record = dict(step=step, **{f"val_{k}": v for k, v in val.items()})
+            for name, figures in per_source.items():
+                record.update({f"val_{k}/{name}": v for k, v in figures.items()})
+            sources = " | by source: " + ", ".join(f"{name} {figures['loss']:.4f}"
+                                                   for name, figures in per_source.items()) if per_source else ""
+            parts.metrics.write(record, f"step {step:>6}/{steps} | validation loss {val['loss']:.4f}{extra}{sources}")

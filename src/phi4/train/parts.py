@@ -53,6 +53,7 @@ class RunParts:
     objective: "Objective"
     collate: Collate
     valid_dataset: Any  # None without a validation split
+    valid_by_source: dict  # {source name: its validation split alone}: empty for one source, or off
     dp_rank: int
     metrics: MetricsWriter
     is_logger: bool  # this rank writes the console line and metrics (the last stage's first rank)

@@ -130,6 +130,7 @@ class Trainer:
     profiler: StepProfiler  # profile.*: a window of steps traced, the memory history on OOM
     trackers: TrackerRuns  # tracking.*: W&B and MLflow runs (their ids a part of the states dict)
     valid_dataset: object
+    valid_by_source: dict  # train.valid_per_source with several sources: each one's validation split
     collate: Collate
     dp_rank: int
     batches: GlobalBatches
@@ -264,13 +265,16 @@ class Trainer:
         train_ds, self.valid_dataset = build_train_valid(run.data, self.spec.data_format, sources, t.seq_length,
                                                          self.total_steps * t.global_batch_size,
                                                          max(t.valid_samples, 1), run.seed)
+        per_source = t.valid_per_source and t.valid_every and len(sources) > 1
+        self.valid_by_source = self.spec.data_format.valid_by_source(
+            run.data, sources, t.seq_length, max(t.valid_samples, 1), run.seed) if per_source else {}
         self.collate = Collate(self.spec.data_format, t.micro_batch_size,
                                "thd" if run.model.transformer_impl == "te" else "mask", self.thd_multiple)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.batches = GlobalBatches(train_ds, t.global_batch_size, self.dp_rank, self.spec.dp_size,
                                      self.state.consumed_samples)
         self.parts = RunParts(self.spec, self.model_chunks, self.objective, self.collate, self.valid_dataset,
-                              self.dp_rank, self.metrics, self.is_logger)
+                              self.valid_by_source, self.dp_rank, self.metrics, self.is_logger)
         for callback in self.callbacks:
             callback.setup(self.parts)
             self._closing.callback(callback.close)
