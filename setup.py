@@ -29,6 +29,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",  # phi4-convert's and phi4-data's progress
         "transformers>=4.50,<6",  # phi4-convert mcore-to-hf exports the tokenizer (and --verify's reference)
+        "matplotlib>=3.8",  # phi4-report's pictures
     ],
     extras_require={
         # Experiment trackers (tracking.wandb, tracking.mlflow); the suite tests both for real.
@@ -45,6 +46,7 @@ setup(
             "phi4-plan = phi4.cli.plan:main",
             "phi4-pts = phi4.cli.pts:main",
             "phi4-eval = phi4.cli.eval:main",
+            "phi4-report = phi4.cli.report:main",
         ]
     },
 )

@@ -350,21 +350,25 @@ def test_a_config_json_that_is_not_json_or_lacks_a_field_is_one_line(tmp_path):
 
 def test_the_commands_run_with_only_the_declared_dependencies(hf_dir, tmp_path):
     """A wheel installed with its declared dependencies and no test extra runs phi4-convert both
-    ways (the tokenizer export included) and phi4-data preprocess: tests/only_declared.py makes
+    ways (the tokenizer export included), phi4-data preprocess and phi4-report: tests/only_declared.py makes
     every installed module outside setup.py's install_requires closure fail to import."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(dict(step=1, loss=2.0, lr=1e-3, grad_norm=1.0, tokens_per_s=10.0)) + "\n")
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document {i}: the sum of {i} and 3"}) + "\n" for i in range(20)))
     commands = [["phi4-convert", ["hf-to-mcore", "--hf", str(hf_dir[0]), "--out", str(tmp_path / "mc"), "--no-progress"]],
                 ["phi4-convert", ["mcore-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "hf"),
                                   "--no-progress"]],
                 ["phi4-data", ["preprocess", "--input", str(docs), "--output-prefix", str(tmp_path / "data" / "docs"),
-                               "--workers", "1", "--no-progress"]]]
+                               "--workers", "1", "--no-progress"]],
+                ["phi4-report", [str(run)]]]
     out = subprocess.run([sys.executable, str(Path(__file__).parent / "only_declared.py"), "phi4-megatron",
                           json.dumps(commands)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [(r["code"], r["undeclared"]) for r in results] == [(0, None)] * 3, results
+    assert [(r["code"], r["undeclared"]) for r in results] == [(0, None)] * 4, results
     assert (tmp_path / "hf" / "tokenizer.json").exists() and (tmp_path / "data" / "docs.idx").exists()
 
 

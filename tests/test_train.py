@@ -684,3 +684,16 @@ def test_an_installed_wheel_finds_its_config_from_another_directory(tmp_path, ca
               *small(cache, "train.steps=2", "optim.warmup_steps=0"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(losses(elsewhere / "run")) == [1, 2]
+
+
+def test_phi4_report_on_a_real_run(default_run, tmp_path):
+    """The console script on the default run: every picture, and the summary of its 12 steps."""
+    run, _ = default_run
+    out = subprocess.run([str(BIN / "phi4-report"), str(run), "--out", str(tmp_path / "report")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("loss", "lr", "grad_norm", "throughput", "eval"):
+        assert (tmp_path / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_loss = [r["loss"] for r in records if "loss" in r][-1]
+    assert f"| {run.name} | 12 | {last_loss:.4f} |" in (tmp_path / "report" / "README.md").read_text()
