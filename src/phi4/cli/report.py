@@ -45,7 +45,7 @@ class Stage:
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(chain steps, values) of every record holding a number under `key`."""
         pairs = [(self.offset + r["step"], r[key]) for r in self.records
-                 if isinstance(r.get(key), (int, float)) and r[key] is not None and math.isfinite(r[key])]
+                 if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     @property
@@ -112,18 +112,24 @@ def _save(figure, path: Path) -> Path:
 
 def plot_loss(stages: list[Stage], out: Path) -> Path:
     figure, axes = _figure("loss", "loss", stages)
-    for i, stage in enumerate(stages):
-        label = (lambda text: text if i == 0 else None)
+    labelled = set()
+
+    def label(text: str) -> Optional[str]:  # each curve in the legend once, not once per stage
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
+
+    for stage in stages:
         axes.plot(*stage.series("loss"), color="C0", label=label("training"))
         axes.plot(*stage.series("val_loss"), "o-", color="C1", markersize=3, label=label("validation (blend)"))
         for j, key in enumerate(_keys([stage], "val_loss/")):
             axes.plot(*stage.series(key), "s--", color=f"C{2 + j}", markersize=3, linewidth=1,
-                      label=f"validation: {key.split('/', 1)[1]}" if i == 0 else None)
+                      label=label(f"validation: {key.split('/', 1)[1]}"))
         spikes = [(stage.offset + r["step"], r["loss"]) for r in stage.records if r.get("spike") and "loss" in r]
         if spikes:
             axes.scatter(*zip(*spikes), marker="x", color="red", zorder=3, label=label("spike (update not applied)"))
-        skipped = _skipped_steps(stage)
-        for step in skipped:
+        for step in _skipped_steps(stage):
             axes.axvline(step, color="red", alpha=0.25, linewidth=1)
     axes.legend(fontsize=8)
     return _save(figure, out / "loss.png")
@@ -193,10 +199,13 @@ def summary(stages: list[Stage], pictures: list[Path]) -> str:
         tokens, mfu = stage.series("tokens_per_s")[1], stage.series("mfu")[1]
         spikes = sum(1 for r in stage.records if r.get("spike"))
         saves = stage.series("checkpoint_save_s")[1]
+        def median(values):
+            return statistics.median(values) if values else None
+
         rows.append(f"| {stage.name} | {stage.last_step} | {_fmt(_last(stage, 'loss'))} | "
-                    f"{_fmt(_last(stage, 'val_loss'))} | {_fmt(statistics.median(tokens) if tokens else None, ',.0f')} | "
-                    f"{_fmt(statistics.median(mfu) if mfu else None, '.1%')} | {_fmt(_last(stage, 'skipped_steps'), 'd')} | "
-                    f"{spikes} | {len(saves)} ({_fmt(statistics.median(saves) if saves else None, '.2f')} s median) |")
+                    f"{_fmt(_last(stage, 'val_loss'))} | {_fmt(median(tokens), ',.0f')} | {_fmt(median(mfu), '.1%')} | "
+                    f"{_fmt(_last(stage, 'skipped_steps'), 'd')} | {spikes} | {len(saves)} "
+                    f"({_fmt(median(saves), '.2f')} s median) |")
     by_source = [(stage.name, key.split("/", 1)[1], _last(stage, key))
                  for stage in stages for key in _keys([stage], "val_loss/")]
     lines = [f"# Training report: {', '.join(s.name for s in stages)}", "",

@@ -106,10 +106,10 @@ def check_resume(run_dir: Path, model: ModelConfig, train: Train, checkpointing:
     moved = [f"{k} {saved_schedule[k]} -> {now_schedule[k]}" for k in now_schedule
              if k in saved_schedule and saved_schedule[k] != now_schedule[k]]
     if moved and not optim.override_scheduler:
+        step = common.get(TRAIN_STATE_KEY, {}).get("step")
         raise ConfigError(f"{run_dir} was trained on another learning-rate schedule ({'; '.join(moved)}), resumed from "
-                          f"{checkpoint.name} at step {common[TRAIN_STATE_KEY].get('step')}: set optim.override_scheduler=true "
-                          "to go on "
-                          "with the new schedule from that step, or keep the run's settings")
+                          f"{checkpoint.name} at step {step}: set optim.override_scheduler=true to go on with the new "
+                          "schedule from that step, or keep the run's settings")
     return moved if optim.override_scheduler else []
 
 

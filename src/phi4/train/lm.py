@@ -62,7 +62,8 @@ def lm_update(model_chunks: list, optimizer, micro_batches: list[dict], gate: Op
 class LanguageModeling(Objective):
     formats = ("gpt", "packed_chat")
 
-    def update(self, model_chunks: list, optimizer, micro_batches: list[dict], gate: Optional[Gate] = None) -> StepResult:
+    def update(self, model_chunks: list, optimizer, micro_batches: list[dict],
+               gate: Optional[Gate] = None) -> StepResult:
         return lm_update(model_chunks, optimizer, micro_batches, gate)
 
     def evaluate(self, model_chunks: list, micro_batches: list[dict]) -> Optional[dict]:

@@ -71,18 +71,20 @@ class StepLog:
     Megatron-LM's "elapsed time per iteration": what the remaining steps will also take."""
 
     def __init__(self, metrics: MetricsWriter, steps: int, tokens_per_step: int, flops_per_token: float,
-                 world_size: int, peak: Optional[float], memory_gb: Optional[Callable[[], float]] = None):
+                 world_size: int, peak: Optional[float], memory_gb: Optional[Callable[[], float]] = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.metrics, self.steps, self.tokens_per_step = metrics, steps, tokens_per_step
         self.flops_per_token, self.world_size, self.peak = flops_per_token, world_size, peak
         self.memory_gb = memory_gb or (lambda: device.current().memory_gb())
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.clock = clock
+        self.window_start, self.window_steps = clock(), 0
 
     def write(self, step: int, result: StepResult, lr: float, skipped: int,
               describe: Callable[[Mapping[str, float]], str], ranks: Optional[dict] = None,
               consumed_samples: Optional[int] = None) -> None:
         """Close the window at `step` (every rank: it restarts the clock); the logging rank writes,
         with the objective's own figures (`describe`) in the line."""
-        seconds = time.perf_counter() - self.window_start
+        seconds = self.clock() - self.window_start
         per_step = seconds / max(self.window_steps, 1)
         eta_s = (self.steps - step) * per_step
         tokens_per_s = self.window_steps * self.tokens_per_step / seconds
@@ -102,4 +104,4 @@ class StepLog:
                                        f"{1000 * per_step:,.0f} ms/step | ETA {duration(eta_s)} | "
                                        f"{tokens_per_s:,.0f} tokens/s | {tflops:.2f} TFLOP/s/GPU | MFU {mfu} | "
                                        f"mem {record['memory_gb']:.1f} GB{_ranks_line(ranks)}")
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start, self.window_steps = self.clock(), 0

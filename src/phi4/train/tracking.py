@@ -97,8 +97,7 @@ class TrackerRuns:
         t, resumed = self.tracking, self.ids["wandb"]
         self._wandb = wandb.init(project=t.wandb_project, entity=t.wandb_entity, name=self.name, config=config,
                                  dir=str(self.run_dir), mode=t.wandb_mode, id=resumed,
-                                 resume="must" if resumed and t.wandb_mode != "offline" else
-                                 ("allow" if resumed else None))
+                                 resume="allow" if resumed else None)
         self.ids["wandb"] = self._wandb.id
         log_info(f"tracking: W&B run {self._wandb.id} ({'resumed' if resumed else 'new'}, project {t.wandb_project}, "
                  f"mode {self._wandb.settings.mode})")

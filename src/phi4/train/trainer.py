@@ -351,30 +351,30 @@ class Trainer:
                                                   flops_per_token(self.settings.model, t.seq_length))
         step_log = StepLog(self.metrics, steps, tokens, flops, self.launch.world_size,
                            self.device.peak_tflops(t.peak_tflops))
-        while state.step < steps:
-            with self.profiler.snapshot_on_oom():
+        with self.profiler.snapshot_on_oom():  # profile.memory_snapshot_on_oom: the history first
+            while state.step < steps:
                 result = self.step()
-            if isinstance(result, Rewound):  # back at a checkpoint's step (train.spike_action=rewind)
-                continue
-            step_log.window_steps += 1
-            if state.step % t.log_every == 0 or state.step == steps:
-                step_log.write(state.step, result, self.optimizer.param_groups[0]["lr"], state.skipped_steps,
-                               self.objective.describe, self.step_times.report(state.step), state.consumed_samples)
-            with self.watchdog.allow(f"the callbacks after step {state.step}", self.hang_allowances_s.get("save")):
-                for callback in self.callbacks:
-                    callback.after_step(state.step)
-            every = self.settings.checkpoint.every
-            if every and state.step % every == 0 and state.step < steps:
-                self.save()
-            reason = self.stop.reason(state.step, steps)
-            if reason:
-                directory = self.save(wait=True)
-                self.log_info(f"stopping at step {state.step} ({reason}); saved {directory}; exit {EXIT_RESUMABLE} "
-                              "to resume")
-                return EXIT_RESUMABLE
-        directory = self.save(final=True, wait=True)
-        self.log_info(f"done: {steps} steps, final checkpoint {directory}; run dir {self.run_dir.resolve()}")
-        return 0
+                if isinstance(result, Rewound):  # back at a checkpoint's step (train.spike_action=rewind)
+                    continue
+                step_log.window_steps += 1
+                if state.step % t.log_every == 0 or state.step == steps:
+                    step_log.write(state.step, result, self.optimizer.param_groups[0]["lr"], state.skipped_steps,
+                                   self.objective.describe, self.step_times.report(state.step), state.consumed_samples)
+                with self.watchdog.allow(f"the callbacks after step {state.step}", self.hang_allowances_s.get("save")):
+                    for callback in self.callbacks:
+                        callback.after_step(state.step)
+                every = self.settings.checkpoint.every
+                if every and state.step % every == 0 and state.step < steps:
+                    self.save()
+                reason = self.stop.reason(state.step, steps)
+                if reason:
+                    directory = self.save(wait=True)
+                    self.log_info(f"stopping at step {state.step} ({reason}); saved {directory}; exit {EXIT_RESUMABLE} "
+                                  "to resume")
+                    return EXIT_RESUMABLE
+            directory = self.save(final=True, wait=True)
+            self.log_info(f"done: {steps} steps, final checkpoint {directory}; run dir {self.run_dir.resolve()}")
+            return 0
 
     def step(self) -> Union[StepResult, Rewound]:
         """One global batch: the objective's update, the schedule, the non-finite count; or, when a
