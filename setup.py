@@ -34,7 +34,10 @@ setup(
     extras_require={
         # Experiment trackers (tracking.wandb, tracking.mlflow); the suite tests both for real.
         "tracking": ["wandb>=0.19", "mlflow-skinny>=2.16"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "wandb>=0.19", "mlflow-skinny>=2.16"],
+        # lm-evaluation-harness with the phi4 model (phi4-lm-eval, phi4.eval.harness).
+        "harness": ["lm-eval>=0.4.13,<0.5"],
+        # The suite tests the trackers and the harness for real (its reference is lm-eval's `hf` model).
+        "test": ["pytest>=8", "pytest-xdist>=3", "wandb>=0.19", "mlflow-skinny>=2.16", "lm-eval[hf]>=0.4.13,<0.5"],
         # On CUDA machines: Transformer Engine for the te spec and FP8 (built against the local torch).
         "gpu": ["transformer-engine[pytorch]>=2.4"],
     },
@@ -47,6 +50,7 @@ setup(
             "phi4-pts = phi4.cli.pts:main",
             "phi4-eval = phi4.cli.eval:main",
             "phi4-report = phi4.cli.report:main",
+            "phi4-lm-eval = phi4.cli.harness:main",
         ]
     },
 )

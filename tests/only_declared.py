@@ -11,9 +11,12 @@ prints one JSON line: each command's exit code, and the first module it could no
 from __future__ import annotations
 
 import importlib.abc
+import importlib.util
 import importlib.metadata as md
 import json
+import os
 import re
+from importlib.machinery import PathFinder
 import sys
 
 from packaging.requirements import Requirement
@@ -59,15 +62,45 @@ class Undeclared(importlib.abc.MetaPathFinder):
 
     def __init__(self, blocked: dict[str, list[str]]):
         self.blocked, self.first = blocked, None
+        # where each blocked module's distribution is installed (a site-packages directory)
+        self.homes = {top: {os.path.realpath(md.distribution(d).locate_file("")) for d in dists}
+                      for top, dists in blocked.items()}
 
     def find_spec(self, fullname, path=None, target=None):
         top = fullname.partition(".")[0]
+        if top in self.blocked and fullname != top and top in sys.modules:
+            return None  # the package itself was allowed: a copy vendored by a declared distribution
+        if top in self.blocked and fullname == top:
+            # A declared distribution's own copy (setuptools vendors more_itertools on a path it adds)
+            # is what an install without the undeclared distribution would import.
+            elsewhere = [p for p in sys.path if os.path.realpath(p or ".") not in self.homes[top]]
+            spec = PathFinder.find_spec(fullname, elsewhere)
+            if spec is not None:
+                return spec
         if top in self.blocked:
             importer = _importer()
             if importer == "phi4" or importer.startswith("phi4."):
                 self.first = self.first or f"{top} (from {', '.join(self.blocked[top])})"
             raise ModuleNotFoundError(f"No module named {top!r} (not a declared dependency)", name=top)
         return None
+
+
+def _probe_as_missing(finder: Undeclared):
+    """importlib.util.find_spec of an undeclared top-level module answers None, as it does where the
+    module is not installed (transformers probes for accelerate so), instead of raising."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        first = finder.first
+        try:
+            return real(name, package)
+        except ModuleNotFoundError as err:
+            if "." in name or name not in finder.blocked:
+                raise
+            finder.first = first  # a probe, not an import
+            return None
+
+    importlib.util.find_spec = find_spec
 
 
 def main() -> None:
@@ -77,6 +110,7 @@ def main() -> None:
                if not any(_canonical(d) in allowed for d in dists) and top not in sys.modules}
     finder = Undeclared(blocked)
     sys.meta_path.insert(0, finder)
+    _probe_as_missing(finder)
     scripts = {ep.name: ep for ep in md.entry_points(group="console_scripts")}
     results = []
     for name, args in commands:

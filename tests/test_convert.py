@@ -351,7 +351,8 @@ def test_a_config_json_that_is_not_json_or_lacks_a_field_is_one_line(tmp_path):
 def test_the_commands_run_with_only_the_declared_dependencies(hf_dir, tmp_path):
     """A wheel installed with its declared dependencies and no test extra runs phi4-convert both
     ways (the tokenizer export included), phi4-data preprocess and phi4-report: tests/only_declared.py makes
-    every installed module outside setup.py's install_requires closure fail to import."""
+    every installed module outside setup.py's install_requires closure fail to import. phi4-lm-eval,
+    whose lm-eval is an extra, stops with the line that names the extra to install."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps(dict(step=1, loss=2.0, lr=1e-3, grad_norm=1.0, tokens_per_s=10.0)) + "\n")
@@ -362,13 +363,17 @@ def test_the_commands_run_with_only_the_declared_dependencies(hf_dir, tmp_path):
                                   "--no-progress"]],
                 ["phi4-data", ["preprocess", "--input", str(docs), "--output-prefix", str(tmp_path / "data" / "docs"),
                                "--workers", "1", "--no-progress"]],
-                ["phi4-report", [str(run)]]]
+                ["phi4-report", [str(run)]],
+                ["phi4-lm-eval", ["--model_args", "checkpoint=" + str(tmp_path / "mc"), "--tasks", "hellaswag"]]]
     out = subprocess.run([sys.executable, str(Path(__file__).parent / "only_declared.py"), "phi4-megatron",
                           json.dumps(commands)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [(r["code"], r["undeclared"]) for r in results] == [(0, None)] * 4, results
+    assert [(r["code"], r["undeclared"]) for r in results[:4]] == [(0, None)] * 4, results
+    assert (results[4]["code"], results[4]["undeclared"].partition(" ")[0]) == (2, "lm_eval"), results
+    assert out.stderr.strip().splitlines()[-1] == ("error: phi4-lm-eval needs lm-evaluation-harness, which is not "
+                                                   "installed: pip install 'phi4-megatron[harness]'")
     assert (tmp_path / "hf" / "tokenizer.json").exists() and (tmp_path / "data" / "docs.idx").exists()
 
 

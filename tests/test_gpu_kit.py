@@ -136,8 +136,8 @@ def test_the_kit_rehearsed_as_the_machine_runs_it(tmp_path):
     """Every entry point imports, the gpu tests collect (pytest_gpu's command), and the training
     check's command trains a step, in the machine's environment (the throughput script runs there
     too: the test below). A rehearsal inside the venv once hid an import that failed every check."""
-    entries = re.findall(r'"(phi4-[\w]+) = ([\w.]+):(\w+)"', (ROOT / "setup.py").read_text())
-    assert len(entries) == 7
+    entries = re.findall(r'"(phi4-[\w-]+) = ([\w.]+):(\w+)"', (ROOT / "setup.py").read_text())
+    assert len(entries) == 8
     code = "import importlib\n" + "".join(f"assert callable(importlib.import_module('{m}').{f}), '{n}'\n"
                                           for n, m, f in entries)
     imported = as_on_the_machine(tmp_path, "-c", code + "import phi4; print(phi4.conf_dir())")

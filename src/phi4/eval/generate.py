@@ -29,8 +29,8 @@ from phi4.model.pipeline_schedule import run_schedule
 from phi4.model.tp_overlap import without_tp_comm_overlap
 
 
-def _full_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[batch, vocab] fp32 logits from a tensor-parallel shard of the (padded) vocabulary."""
+def full_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., vocab] fp32 logits from a tensor-parallel shard of the (padded) vocabulary."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
     return logits[..., :vocab_size].float()
@@ -47,7 +47,7 @@ class _CachedSteps:
         positions = torch.arange(first_position, first_position + tokens.shape[1], device=tokens.device)
         out = self.net(tokens, positions.expand(tokens.shape[0], -1), None, inference_context=self.context)
         self.context.sequence_len_offset = first_position + tokens.shape[1]
-        return _full_vocab(out[:, -1], self.vocab_size)
+        return full_vocab_logits(out[:, -1], self.vocab_size)
 
     def first(self, prefix: torch.Tensor) -> torch.Tensor:
         return self._forward(prefix, 0)
@@ -75,7 +75,7 @@ class _FullForwardSteps:
             output = model(batch["tokens"], batch["position_ids"], None)
 
             def last_position(logits, non_loss_data=True):
-                return _full_vocab(logits[:, length - 1], vocab_size)
+                return full_vocab_logits(logits[:, length - 1], vocab_size)
 
             return output, last_position
 
