@@ -30,7 +30,7 @@ def _gpu_missing() -> str | None:
 # tests, most first: `make test` runs the modules on two workers in this order (pytest-xdist, --dist
 # loadfile --no-loadscope-reorder). xdist's own order (most tests first) started the chain four
 # minutes in; the collection's order left test_train.py running alone at the end. test_harness.py
-# (two tests, three and a half minutes) goes early too, not among the short modules at the end.
+# (two tests, 2:20 alone) goes early too, not among the short modules at the end.
 FIRST = ("test_stage_chain.py", "test_harness.py")
 
 

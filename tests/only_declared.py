@@ -11,13 +11,13 @@ prints one JSON line: each command's exit code, and the first module it could no
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import re
-from importlib.machinery import PathFinder
 import sys
+from importlib.machinery import PathFinder
 
 from packaging.requirements import Requirement
 
@@ -91,13 +91,11 @@ def _probe_as_missing(finder: Undeclared):
     real = importlib.util.find_spec
 
     def find_spec(name, package=None):
-        first = finder.first
         try:
             return real(name, package)
-        except ModuleNotFoundError as err:
+        except ModuleNotFoundError:
             if "." in name or name not in finder.blocked:
                 raise
-            finder.first = first  # a probe, not an import
             return None
 
     importlib.util.find_spec = find_spec
