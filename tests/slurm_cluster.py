@@ -391,16 +391,36 @@ class SlurmCluster:
             raise SlurmClusterError(f"sbatch {' '.join(args + tail)} failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout.strip().split(";")[0]
 
+    def query(self, args: list[str], attempts: int = 3, timeout: float = 15) -> subprocess.CompletedProcess:
+        """A read-only client command (scontrol show ...), tried again when it fails for a
+        moment: under a full suite's load a client has been seen to exit nonzero with nothing on
+        stderr while munged timed out reading its request. A failure that stays raises with
+        every attempt's exit status and output, and the daemons' logs."""
+        tries = []
+        for attempt in range(attempts):
+            try:
+                r = self.run(args, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                tries.append(f"attempt {attempt + 1}: no answer in {timeout:.0f} s")
+            else:
+                if r.returncode == 0:
+                    return r
+                if "Invalid job id" in r.stderr:     # a real answer, not a transient failure
+                    return r
+                tries.append(f"attempt {attempt + 1}: exit {r.returncode}, "
+                             f"stderr {r.stderr.strip()!r}, stdout {r.stdout.strip()[:200]!r}")
+            time.sleep(1 + attempt)
+        raise SlurmClusterError(f"{' '.join(map(str, args))} failed {attempts} times:\n"
+                                + "\n".join(tries) + f"\n{self.log_tails(10)}")
+
     def jobs(self) -> list[Job]:
         """Every job slurmctld knows, finished ones included (for MinJobAge = a day)."""
-        r = self.run(["scontrol", "show", "job", "-o"], timeout=15)
-        if r.returncode != 0:
-            raise SlurmClusterError(f"scontrol show job failed: {r.stderr.strip()}\n{self.log_tails(10)}")
+        r = self.query(["scontrol", "show", "job", "-o"])
         return [Job.from_fields(parse_scontrol_line(line)) for line in r.stdout.splitlines()
                 if line.startswith("JobId=")]
 
     def job(self, job_id: str | int) -> Job:
-        r = self.run(["scontrol", "show", "job", "-o", str(job_id)], timeout=15)
+        r = self.query(["scontrol", "show", "job", "-o", str(job_id)])
         if r.returncode != 0 or not r.stdout.startswith("JobId="):
             raise SlurmClusterError(f"scontrol show job {job_id}: {r.stderr.strip() or r.stdout.strip()}")
         return Job.from_fields(parse_scontrol_line(r.stdout.splitlines()[0]))

@@ -4,6 +4,14 @@ stage chain's test (tests/test_stage_chain.py): slurmctld sends `--signal` warni
 it makes every 30 s, so such a job costs half a minute wherever it runs.
 """
 
+import contextlib
+import os
+import signal
+import threading
+
+import pytest
+from slurm_cluster import SlurmClusterError
+
 ONE_CPU = ("--ntasks=1", "--cpus-per-task=1")
 
 
@@ -70,3 +78,38 @@ def test_the_stage_script_stops_requeueing_failures_after_phi4_max_restarts(slur
     assert (job.restarts, job.exit_code) == (0, 76)
     out = slurm_cluster.output(job_id)
     assert "not requeueing: the job has restarted 0 times (PHI4_MAX_RESTARTS)" in out and out.rstrip().endswith("exit 76")
+
+
+@contextlib.contextmanager
+def _controller_stopped(cluster, for_seconds: float | None = None):
+    """slurmctld frozen (SIGSTOP), so clients connect and wait for an answer, as on a loaded host;
+    thawed after `for_seconds` from a timer, or when the block ends."""
+    pid = cluster._procs["slurmctld"].pid
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(for_seconds, os.kill, (pid, signal.SIGCONT)) if for_seconds else None
+    try:
+        if timer:
+            timer.start()
+        yield
+    finally:
+        if timer:
+            timer.cancel()
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_query_is_tried_again_when_the_controller_does_not_answer_for_a_moment(slurm_cluster):
+    """The CI failure this answers: `scontrol show job` failed once, mid-chain, with nothing on
+    stderr, and the chain's whole module errored. The first try here gets no answer in 2 s; the
+    controller answers again at 4 s, before the second try's 2 s are up (or the third's)."""
+    with _controller_stopped(slurm_cluster, for_seconds=4):
+        r = slurm_cluster.query(["scontrol", "show", "job", "-o"], attempts=3, timeout=2)
+    assert r.returncode == 0
+
+
+def test_a_query_that_keeps_failing_names_every_attempt(slurm_cluster):
+    with _controller_stopped(slurm_cluster), pytest.raises(SlurmClusterError) as caught:
+        slurm_cluster.query(["scontrol", "show", "job", "-o"], attempts=2, timeout=1)
+    message = str(caught.value)
+    assert message.startswith("scontrol show job -o failed 2 times:\n")
+    assert "attempt 1: no answer in 1 s\nattempt 2: no answer in 1 s\n" in message
+    assert "slurmctld.log" in message
