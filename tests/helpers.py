@@ -143,3 +143,17 @@ def trainer_cfg(run_dir, cache, *overrides):
             "train.valid_every=0", "eval.every=0", "data.synthetic.problems=600", f"data.cache_dir={cache}",
             "optim.warmup_steps=0", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=224",
             f"run_dir={run_dir}", *overrides])
+
+
+def write_indexed(prefix, docs) -> None:
+    """A Megatron-Core indexed dataset (`<prefix>.bin`/`.idx`, int32) of the documents `docs`
+    (lists of token ids), written by Megatron-Core's own builder."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for ids in docs:
+        builder.add_item(torch.tensor(ids, dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")

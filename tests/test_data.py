@@ -12,6 +12,7 @@ import numpy
 import pytest
 
 from phi4.data.tokenizer import get_tokenizer
+from helpers import write_indexed
 
 BIN = Path(sys.executable).parent
 
@@ -161,28 +162,17 @@ def test_invalid_utf8_is_a_bad_line_for_every_jsonl_reader(tmp_path):
         list(checked_records(path, "--eval "))
 
 
-def _indexed(prefix, docs):
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
-    for ids in docs:
-        builder.add_item(torch.tensor(ids, dtype=torch.int32))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-
-
 def test_indexed_data_is_checked_whole_and_within_the_vocabulary(tmp_path):
     from phi4.data.check import check_tokens, largest_id, sources_fingerprint
     from phi4.errors import ConfigError
 
     prefix = tmp_path / "web"
-    _indexed(prefix, [[1, 2, 3], [100351, 5]])
+    write_indexed(prefix, [[1, 2, 3], [100351, 5]])
     check_tokens(str(prefix), 100352, "data.sources.web")
     assert json.loads((tmp_path / "web.check.json").read_text())["largest_id"] == 100351  # cached beside it
     before = sources_fingerprint([str(prefix)])
 
-    _indexed(prefix, [[1, 2, 3], [100352, 5]])  # re-made: the cache no longer applies
+    write_indexed(prefix, [[1, 2, 3], [100352, 5]])  # re-made: the cache no longer applies
     with pytest.raises(ConfigError, match=rf"data.sources.web: {prefix}.bin holds token id 100352, but the model's "
                                           r"vocabulary has model.vocab_size=100352 ids \(0-100351\)"):
         check_tokens(str(prefix), 100352, "data.sources.web")
@@ -199,6 +189,6 @@ def test_indexed_data_is_checked_whole_and_within_the_vocabulary(tmp_path):
     (tmp_path / "web.idx").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"web.idx: not a Megatron-Core index"):
         check_tokens(str(prefix), 100352, "data.sources.web")
-    _indexed(tmp_path / "empty", [])
+    write_indexed(tmp_path / "empty", [])
     with pytest.raises(ConfigError, match=r"empty.bin holds no tokens"):
         check_tokens(str(tmp_path / "empty"), 100352, "data.sources.empty")

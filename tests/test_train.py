@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy
 import pytest
 import yaml
 
-from helpers import ROOT
+from helpers import ROOT, write_indexed
 from phi4.errors import ConfigError
 from phi4.runtime.launch_env import free_port
 
@@ -511,18 +510,14 @@ def test_wsd_holds_the_peak_then_decays_over_its_last_fraction():
 
 
 def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_path, cache):
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = tmp_path / "data" / "web"
-    prefix.parent.mkdir()
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
-    builder.add_item(torch.tensor([5, 120000, 7] * 40, dtype=torch.int32))
-    builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-    out = train(tmp_path / "run", *small(cache, "train.steps=3"), f"data.sources=[{{name: web, path: {prefix}, weight: 1}}]")
+    """A source of shards (a glob, from a Hydra override): the shard with the bad id is the file named."""
+    write_indexed(tmp_path / "data" / "web_1", [[5, 7, 9] * 40])
+    write_indexed(tmp_path / "data" / "web_2", [[5, 120000, 7] * 40])
+    out = train(tmp_path / "run", *small(cache, "train.steps=3"),
+                f"data.sources=[{{name: web, path: '{tmp_path}/data/web_*', weight: 1}}]")
     assert out.returncode == 2, out.stdout[-2000:]
-    assert f"error: data.sources.web: {prefix}.bin holds token id 120000" in out.stdout and "Traceback" not in out.stdout
+    assert f"error: data.sources.web: {tmp_path}/data/web_2.bin holds token id 120000" in out.stdout
+    assert "Traceback" not in out.stdout
     assert not (tmp_path / "run").exists()  # found after the process group: config.yaml and tensorboard/ gone again
 
 

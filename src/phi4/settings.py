@@ -112,7 +112,7 @@ class Checkpoint:
 @dataclass
 class Source:
     name: str = MISSING
-    path: str = MISSING
+    path: Any = MISSING  # an indexed-dataset prefix; data.format=gpt: also a glob or a list of shard prefixes
     weight: float = number(above=0, meaning="the source's share of the blend")
     generate: Optional[Dict[str, Any]] = None  # the bundled synthetic corpora: made when missing
 

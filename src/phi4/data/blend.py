@@ -9,6 +9,7 @@ consumed samples, so a resumed run continues with exactly the batch it would hav
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,9 +19,10 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 from phi4.data.check import check_tokens, sources_fingerprint
 from phi4.data.registry import DataFormat, register
+from phi4.data.shards import ShardedDocuments, is_sharded, shard_prefixes
 from phi4.data.tokenizer import Phi4Tokenizer, get_tokenizer
 from phi4.errors import ConfigError
-from phi4.settings import Source  # name, path (an indexed dataset prefix: .bin and .idx), weight
+from phi4.settings import Source  # name, path (an indexed dataset prefix, a glob or a list of them), weight
 
 
 def _megatron_tokenizer():
@@ -58,28 +60,65 @@ def _megatron_tokenizer():
     return Phi4MegatronTokenizer()
 
 
-def check_sources(sources: list[Source]) -> None:
+def source_prefixes(source: Source) -> list[str]:
+    """The indexed-dataset prefixes of a source: its one prefix, or its shards in order."""
+    return shard_prefixes(source.path, f"data.sources.{source.name}.path")
+
+
+def check_sources(sources: list[Source], shards: bool = True) -> None:
+    """Every source's files exist and its weight is positive; `shards=False` (the packed formats):
+    each source is one prefix."""
     if not sources:
         raise ConfigError("data.sources is empty; give at least one {name, path, weight}")
     for s in sources:
-        missing = [suffix for suffix in (".bin", ".idx") if not Path(f"{s.path}{suffix}").is_file()]
-        if missing:
-            raise ConfigError(
-                f"data.sources.{s.name}: {s.path}{' and '.join(missing)} not found; "
-                "make it with `phi4-data preprocess --output-prefix PATH`"
-            )
+        if not shards and is_sharded(s.path):
+            raise ConfigError(f"data.sources.{s.name}.path={s.path}: this data.format takes one prefix a source; "
+                              "a list or glob of shards is for data.format=gpt")
+        for prefix in source_prefixes(s):
+            missing = [suffix for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
+            if missing:
+                raise ConfigError(
+                    f"data.sources.{s.name}: {prefix}{' and '.join(missing)} not found; "
+                    "make it with `phi4-data preprocess --output-prefix PATH`"
+                )
         if not s.weight > 0:
             raise ConfigError(f"data.sources.{s.name}.weight={s.weight}: weights must be positive")
+
+
+@dataclass
+class ShardedGPTDatasetConfig(GPTDatasetConfig):
+    """GPTDatasetConfig with the shards of each sharded source, by the name the blend gives it."""
+
+    shards: dict = field(default_factory=dict)
+
+
+class ShardedGPTDataset(GPTDataset):
+    """Megatron-Core's GPTDataset; a source of several shards is read as their concatenation."""
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig):
+        prefixes = getattr(config, "shards", {}).get(dataset_path)
+        if prefixes is None:
+            return GPTDataset.build_low_level_dataset(dataset_path, config)
+        return ShardedDocuments(prefixes, dataset_path, mmap=config.mmap_bin_files)
 
 
 def build_datasets(sources: list[Source], seq_length: int, train_samples: int, valid_samples: int, seed: int,
                    split: str, cache_dir: str):
     """(train, validation) datasets of `seq_length`-token samples blended by weight."""
     check_sources(sources)
-    config = GPTDatasetConfig(
+    paths, shards = [], {}
+    for s in sources:
+        prefixes = source_prefixes(s)
+        if len(prefixes) == 1 and not is_sharded(s.path):
+            paths.append(prefixes[0])
+        else:  # a name for the blend's bookkeeping (and Megatron-Core's cache key), not a file
+            paths.append(f"{s.name}: {len(prefixes)} shards, {prefixes[0]} ... {prefixes[-1]}")
+            shards[paths[-1]] = prefixes
+    config = ShardedGPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=([s.path for s in sources], [float(s.weight) for s in sources]),
+        blend=(paths, [float(s.weight) for s in sources]),
         split=split,
         path_to_cache=cache_dir,
         tokenizer=_megatron_tokenizer(),
@@ -87,9 +126,10 @@ def build_datasets(sources: list[Source], seq_length: int, train_samples: int, v
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,  # causal attention needs no mask tensor
+        shards=shards,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+        ShardedGPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
     return train, valid
 
@@ -129,10 +169,11 @@ class GptFormat(DataFormat):
     def check_files(self, data, sources: list[Source], vocab_size: int) -> None:
         check_sources(sources)
         for s in sources:
-            check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
+            for prefix in source_prefixes(s):
+                check_tokens(prefix, vocab_size, f"data.sources.{s.name}")
 
     def datasets(self, data, sources: list[Source], seq_length: int, train_samples: int, valid_samples: int,
                  seed: int) -> tuple:
         # keyed by the files themselves: a re-made dataset never meets a stale index cache
-        cache = Path(data.cache_dir) / "index_cache" / sources_fingerprint([s.path for s in sources])
+        cache = Path(data.cache_dir) / "index_cache" / sources_fingerprint([p for s in sources for p in source_prefixes(s)])
         return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split, str(cache))

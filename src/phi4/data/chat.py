@@ -308,7 +308,7 @@ class PackedChatFormat(DataFormat):
                     f"(or a multiple of {multiple})")
 
     def check_files(self, data, sources: list, vocab_size: int) -> None:
-        check_sources(sources)
+        check_sources(sources, shards=False)
         for s in sources:
             lengths = check_tokens(s.path, vocab_size, f"data.sources.{s.name}")
             _, mask_lengths = read_index(s.path + MASK_SUFFIX)

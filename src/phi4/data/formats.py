@@ -42,6 +42,8 @@ def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, voc
     if rank == 0:
         for s in data.sources:
             if s.generate:
+                if not isinstance(s.path, str):
+                    raise ConfigError(f"data.sources.{s.name}: a generated corpus is one prefix, not {list(s.path)}")
                 ensure_corpus(Path(s.path), seq_length=seq_length, **s.generate)
         fmt.check_files(data, sources, vocab_size)
         fmt.check_packing(sources, sequence_multiple, needed_by)

@@ -133,6 +133,12 @@ class PreferenceFormat(DataFormat):
             raise ConfigError("data.pairs is not set: give the preference JSONL (PTS writes one: "
                               "<pts run_dir>/pairs.jsonl)")
 
+    def check_files(self, data, sources: list, vocab_size: int) -> None:
+        for s in sources:
+            if not isinstance(s.path, str):
+                raise ConfigError(f"data.sources.{s.name}.path: preference pairs are one JSONL file a source, "
+                                  f"not a list ({list(s.path)})")
+
     def datasets(self, data, sources: list, seq_length: int, train_samples: int, valid_samples: int,
                  seed: int) -> tuple:
         return blend_by_weight(sources, lambda s, rows: PreferenceDataset(s.path, seq_length, rows), data.split,
