@@ -30,6 +30,8 @@ setup(
         "tqdm>=4.60",  # phi4-convert's and phi4-data's progress
         "transformers>=4.50,<6",  # phi4-convert mcore-to-hf exports the tokenizer (and --verify's reference)
         "matplotlib>=3.8",  # phi4-report's pictures
+        "pyarrow>=14",  # phi4-data preprocess: Parquet, Arrow and Hugging Face dataset directories
+        "zstandard>=0.22",  # phi4-data preprocess: .jsonl.zst
     ],
     extras_require={
         # Experiment trackers (tracking.wandb, tracking.mlflow); the suite tests both for real.

@@ -4,6 +4,7 @@ lines reported; blends draw each source in proportion to its weight."""
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,96 @@ def test_preprocess_missing_input(tmp_path):
     out = _phi4_data("preprocess", "--input", tmp_path / "nope.jsonl", "--output-prefix", tmp_path / "x")
     assert out.returncode == 2 and "input file(s) not found" in out.stderr
     assert not list(tmp_path.glob("x*"))
+
+
+FORMAT_DOCS = ["The sum of 5 consecutive even numbers is 90.", "naïve café — 中文 🙂\n\nnew paragraph",
+               "<|endoftext|> stays text here", "x" * 3000] + [f"document {i}: {i} + {i} = {2 * i}" for i in range(40)]
+
+
+def _write_formats(directory) -> dict:
+    """FORMAT_DOCS in every input format preprocess reads, each written by its own library, with a
+    second column beside the text (and for Parquet several row groups)."""
+    import gzip
+
+    import datasets
+    import pyarrow
+    import pyarrow.ipc
+    import pyarrow.parquet
+    import zstandard
+
+    lines = "".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(FORMAT_DOCS)).encode()
+    paths = {name: directory / name for name in ("a.jsonl", "a.jsonl.gz", "a.ndjson.zst", "a.parquet", "a.arrow")}
+    paths["a.jsonl"].write_bytes(lines)
+    paths["a.jsonl.gz"].write_bytes(gzip.compress(lines))
+    paths["a.ndjson.zst"].write_bytes(zstandard.ZstdCompressor().compress(lines))
+    table = pyarrow.table({"id": list(range(len(FORMAT_DOCS))), "body": FORMAT_DOCS})
+    pyarrow.parquet.write_table(table, paths["a.parquet"], row_group_size=7)
+    with pyarrow.ipc.new_file(str(paths["a.arrow"]), table.schema) as writer:  # the IPC file format
+        writer.write_table(table, max_chunksize=10)
+    paths["hf"] = directory / "hf"
+    datasets.Dataset.from_dict({"id": list(range(len(FORMAT_DOCS))), "body": FORMAT_DOCS}).save_to_disk(
+        str(paths["hf"]), max_shard_size="2KB")  # several .arrow files, in state.json's order
+    return paths
+
+
+def test_preprocess_reads_every_input_format_alike(tmp_path):
+    """JSONL plain, gzip and zstd, Parquet (row groups of 7), an Arrow IPC file and a Hugging Face
+    dataset directory of several Arrow files: the same ids, in order, for the same documents."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from phi4.data.preprocess import preprocess
+
+    paths = _write_formats(tmp_path)
+    assert len(list(paths["hf"].glob("*.arrow"))) > 1
+    tok = get_tokenizer()
+    expected = [tok.encode(d, allow_special=False) + [tok.eod_id] for d in FORMAT_DOCS]
+    for name, path in paths.items():
+        report = preprocess([path], tmp_path / "out" / name, text_key="body", workers=1, progress=False)
+        assert (report.documents, report.bad_lines) == (len(FORMAT_DOCS), []), name
+        ds = IndexedDataset(str(tmp_path / "out" / name))
+        assert [ds[i].tolist() for i in range(len(ds))] == expected, name
+
+
+def test_preprocess_names_the_file_and_column_or_row_it_cannot_read(tmp_path):
+    import gzip
+
+    import pyarrow
+    import pyarrow.parquet
+
+    from phi4.data.preprocess import preprocess
+    from phi4.errors import ConfigError
+
+    def refused(path, key="body") -> str:
+        with pytest.raises(ConfigError) as caught:
+            preprocess([path], tmp_path / "out" / "x", text_key=key, workers=1, progress=False)
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing written
+        return str(caught.value)
+
+    table = pyarrow.table({"id": [1, 2, 3], "body": ["one", None, "three"]})
+    pyarrow.parquet.write_table(table, tmp_path / "nulls.parquet")
+    assert refused(tmp_path / "nulls.parquet", key="text") == (
+        f"{tmp_path}/nulls.parquet: no column 'text' (--text-key); its columns: id, body")
+    assert refused(tmp_path / "nulls.parquet", key="id") == (
+        f"{tmp_path}/nulls.parquet: column 'id' (--text-key) holds int64, not strings")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert refused(tmp_path / "notes.txt").startswith(f"{tmp_path}/notes.txt: not a format preprocess reads")
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    assert refused(tmp_path / "fake.parquet").startswith(f"{tmp_path}/fake.parquet: not a readable Parquet file")
+    dd = tmp_path / "dd"
+    (dd / "train").mkdir(parents=True)
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    assert refused(dd) == (f"{dd}: a Hugging Face DatasetDict (splits: train, test); give one split's directory, "
+                           f"e.g. {dd}/train")
+    whole = gzip.compress("".join(json.dumps({"body": f"doc {i} " * 50}) + "\n" for i in range(200)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    assert re.fullmatch(rf"{tmp_path}/cut.jsonl.gz: cannot be decompressed after line \d+ \(EOFError: .*\): "
+                        r"a truncated or corrupt file", refused(tmp_path / "cut.jsonl.gz"))
+
+    # a null in the text column is a bad row by file and row; the others are tokenized
+    report = preprocess([tmp_path / "nulls.parquet"], tmp_path / "out" / "nulls", text_key="body", workers=1,
+                        progress=False)
+    assert report.documents == 2
+    assert report.bad_lines == [f"{tmp_path}/nulls.parquet:row 2: no string under the key 'body' (null)"]
 
 
 def test_blend_follows_weights(tmp_path):

@@ -1,7 +1,8 @@
 """`phi4-data`: make and prepare training data.
 
     phi4-data synth --count N [--seed S] [--split all|train|test] [--kinds K ...] --out problems.jsonl
-    phi4-data preprocess --input a.jsonl [b.jsonl ...] --output-prefix data/web [--text-key text] [--workers N]
+    phi4-data preprocess --input a.jsonl [b.jsonl.zst c.parquet hf_dataset_dir/ ...] --output-prefix data/web
+                         [--text-key text] [--workers N]
     phi4-data chat --input chats.jsonl [...] --output-prefix data/sft --seq-length 4096
     phi4-data decontaminate --eval bench.jsonl [...] --input web.jsonl [...] --output-dir clean/ [--ngram 13]
                             [--removed removed.jsonl] [--text-key text] [--eval-keys prompt ...] [--workers N]
@@ -64,10 +65,13 @@ def main(argv=None) -> None:
                    help="test: only held-out questions (never in a train draw, whatever the seed); train: none of them")
     s.add_argument("--kinds", nargs="+", default=None, help="problem kinds (default: the word problems of the corpus)")
     s.add_argument("--out", type=Path, required=True)
-    p = sub.add_parser("preprocess", help="JSONL documents -> Megatron-Core indexed dataset (.bin/.idx)")
-    p.add_argument("--input", type=Path, nargs="+", required=True)
+    p = sub.add_parser("preprocess", help="documents (JSONL, .gz/.zst, Parquet, Arrow, a Hugging Face dataset "
+                                          "directory) -> Megatron-Core indexed dataset (.bin/.idx)")
+    p.add_argument("--input", type=Path, nargs="+", required=True,
+                   help="JSONL (.jsonl/.json/.ndjson, also .gz or .zst), .parquet, .arrow, or a directory that "
+                        "Dataset.save_to_disk wrote")
     p.add_argument("--output-prefix", type=Path, required=True)
-    p.add_argument("--text-key", default="text")
+    p.add_argument("--text-key", default="text", help="the JSON key or the column holding each document's text")
     p.add_argument("--workers", type=_whole(0), default=0, help="tokenizer processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("chat", help="chat JSONL ({'messages': [...]}) -> packed SFT rows with a loss mask")

@@ -1,9 +1,11 @@
-"""JSONL -> Megatron-Core indexed dataset (`.bin`/`.idx`), tokenized in worker processes.
+"""Documents -> Megatron-Core indexed dataset (`.bin`/`.idx`), tokenized in worker processes.
 
-One document a line: `{"text": "..."}` (the key is configurable). Each document is tokenized
+Input: JSONL (plain, .gz or .zst), one document a line, `{"text": "..."}` (the key is
+configurable); Parquet, Arrow or a Hugging Face dataset directory, the text in a column of that
+name (phi4.data.inputs). Each document is tokenized
 with the Phi-4 tokenizer and ended with `<|endoftext|>`. A line that is not valid JSON, is not
 an object, or lacks a string under the key, is not valid UTF-8, or that the tokenizer fails on is counted and
-reported by file and line number (the first few on the console, all of them in
+reported by file and line number (`file:row N` for columnar input; the first few on the console, all of them in
 `<prefix>.bad_lines.txt`), never dropped silently; blank lines are counted. A document of any
 length is tokenized. The `.bin`/`.idx` pair is written under temporary names and renamed only
 when complete; SIGINT or SIGTERM removes them and says how far it got.
@@ -27,6 +29,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
 from phi4.data.encode_worker import _encode, _init_worker
+from phi4.data.inputs import check_input, disk_bytes, items
 from phi4.errors import ConfigError
 
 
@@ -45,29 +48,31 @@ class Interrupted(ConfigError):
     exit_code = 130  # a shell's code for a command ended by a signal
 
 
-def _lines(paths: Iterable[Path], report: "PreprocessReport", bar) -> Iterator[tuple[str, int, bytes]]:
+def _documents(paths: Iterable[Path], text_key: str, report: "PreprocessReport", bar) -> Iterator[tuple]:
+    """The inputs' items for the workers, as plain tuples; blank JSONL lines are counted here."""
     for path in paths:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                if raw.strip():
-                    yield str(path), line_no, raw
-                else:  # counted, not tokenized
-                    report.blank_lines += 1
-                    report.bytes_read += len(raw)
-                    bar.update(len(raw))
+        for item in items(path, text_key):
+            if item.payload is None and item.error is None:  # a blank line: counted, not tokenized
+                report.blank_lines += 1
+                report.bytes_read += item.nbytes
+                bar.update(item.nbytes)
+            else:
+                yield tuple(item)
 
 
 def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", workers: int = 0,
                progress: bool = True) -> PreprocessReport:
     """Tokenize `inputs` into `<output_prefix>.bin` and `.idx`. `workers=0` uses every core."""
-    missing = [str(p) for p in inputs if not Path(p).is_file()]
+    missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
         raise ConfigError(f"phi4-data preprocess: input file(s) not found: {', '.join(missing)}")
+    for path in inputs:  # every input's format and text column, before any work
+        check_input(Path(path), text_key)
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     partial = output_prefix.parent / f".{output_prefix.name}.partial-{os.getpid()}"
     workers = workers or os.cpu_count() or 1
-    total_bytes = sum(Path(p).stat().st_size for p in inputs)
+    total_bytes = sum(disk_bytes(Path(p)) for p in inputs)
     report = PreprocessReport()
     builder = IndexedDatasetBuilder(f"{partial}.bin", dtype=numpy.int32)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
@@ -75,9 +80,9 @@ def preprocess(inputs: list[Path], output_prefix: Path, text_key: str = "text", 
     try:
         # spawn, not fork: the caller may already run process-group threads (phi4-train does)
         with _sigterm_as_interrupt(), multiprocessing.get_context("spawn").Pool(workers, _init_worker, (text_key,)) as pool:
-            for source, line_no, nbytes, ids, error in pool.imap(_encode, _lines(inputs, report, bar), chunksize=64):
+            for source, where, nbytes, ids, error in pool.imap(_encode, _documents(inputs, text_key, report, bar), chunksize=64):
                 if ids is None:
-                    report.bad_lines.append(f"{source}:{line_no}: {error}")
+                    report.bad_lines.append(f"{source}:{where}: {error}")
                 else:
                     builder.add_item(torch.tensor(ids, dtype=torch.int32))
                     builder.end_document()
