@@ -157,3 +157,18 @@ def write_indexed(prefix, docs) -> None:
         builder.add_item(torch.tensor(ids, dtype=torch.int32))
         builder.end_document()
     builder.finalize(f"{prefix}.idx")
+
+
+def gpt_samples(sources, cache, seq_length: int = 32, train: int = 120, valid: int = 16, vocab_size: int = 100352):
+    """(train, validation) samples' tokens, as lists, of `sources` through the gpt format (its file
+    checks, then Megatron-Core's blended GPTDatasets, index cache under `cache`)."""
+    from types import SimpleNamespace
+
+    from phi4.data.blend import GptFormat
+
+    data = SimpleNamespace(cache_dir=str(cache), split="90,10,0")
+    fmt = GptFormat()
+    fmt.check_files(data, sources, vocab_size)
+    train_set, valid_set = fmt.datasets(data, sources, seq_length, train, valid, seed=7)
+    return ([train_set[i]["tokens"].tolist() for i in range(len(train_set))],
+            [valid_set[i]["tokens"].tolist() for i in range(len(valid_set))])

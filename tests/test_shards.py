@@ -6,11 +6,10 @@ another source. Bad shard settings are one ConfigError naming the setting or the
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 
-from helpers import write_indexed
+from helpers import gpt_samples, write_indexed
 from phi4.data.blend import GptFormat, check_sources
 from phi4.data.chat import PackedChatFormat
 from phi4.errors import ConfigError
@@ -23,15 +22,6 @@ CODE_IDS = range(50000, VOCAB)  # the code source's ids: a sample's source is kn
 def _documents(count: int, seed: int, ids: range) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.choice(ids) for _ in range(rng.randrange(3, 90))] for _ in range(count)]
-
-
-def _samples(sources: list[Source], cache, seq_length: int = 32, train: int = 120, valid: int = 16):
-    data = SimpleNamespace(cache_dir=str(cache), split="90,10,0")
-    fmt = GptFormat()
-    fmt.check_files(data, sources, VOCAB)
-    train_set, valid_set = fmt.datasets(data, sources, seq_length, train, valid, seed=7)
-    return ([train_set[i]["tokens"].tolist() for i in range(len(train_set))],
-            [valid_set[i]["tokens"].tolist() for i in range(len(valid_set))])
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +38,22 @@ def corpora(tmp_path_factory):
 
 
 def test_three_shards_give_the_samples_of_one_prefix(corpora, tmp_path):
-    one = _samples([Source(name="web", path=str(corpora / "one" / "web"), weight=1.0)], tmp_path / "a")
-    as_glob = _samples([Source(name="web", path=str(corpora / "sharded" / "web_*"), weight=1.0)], tmp_path / "b")
-    as_list = _samples([Source(name="web", path=[str(corpora / "sharded" / n) for n in ("web_1", "web_2", "web_10")],
+    one = gpt_samples([Source(name="web", path=str(corpora / "one" / "web"), weight=1.0)], tmp_path / "a")
+    as_glob = gpt_samples([Source(name="web", path=str(corpora / "sharded" / "web_*"), weight=1.0)], tmp_path / "b")
+    as_list = gpt_samples([Source(name="web", path=[str(corpora / "sharded" / n) for n in ("web_1", "web_2", "web_10")],
                                weight=1.0)], tmp_path / "c")
     assert len(one[0]) >= 120 and len(one[1]) >= 1
     assert as_glob == one and as_list == one
     # the shards' text order is another dataset: the comparison can tell
-    lexical = _samples([Source(name="web", path=[str(corpora / "sharded" / n) for n in ("web_1", "web_10", "web_2")],
+    lexical = gpt_samples([Source(name="web", path=[str(corpora / "sharded" / n) for n in ("web_1", "web_10", "web_2")],
                                weight=1.0)], tmp_path / "d")
     assert lexical[0] != one[0]
 
 
 def test_a_blend_is_unchanged_by_how_a_source_was_sharded(corpora, tmp_path):
     code = Source(name="code", path=str(corpora / "code"), weight=1.0)
-    one = _samples([Source(name="web", path=str(corpora / "one" / "web"), weight=3.0), code], tmp_path / "a")
-    sharded = _samples([Source(name="web", path=str(corpora / "sharded" / "web_*"), weight=3.0), code], tmp_path / "b")
+    one = gpt_samples([Source(name="web", path=str(corpora / "one" / "web"), weight=3.0), code], tmp_path / "a")
+    sharded = gpt_samples([Source(name="web", path=str(corpora / "sharded" / "web_*"), weight=3.0), code], tmp_path / "b")
     assert sharded == one
     share = sum(row[0] in CODE_IDS for row in one[0]) / len(one[0])
     assert share == pytest.approx(1 / 4, abs=0.01)  # the weights hold over the source, not over each shard

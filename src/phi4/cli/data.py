@@ -3,6 +3,8 @@
     phi4-data synth --count N [--seed S] [--split all|train|test] [--kinds K ...] --out problems.jsonl
     phi4-data preprocess --input a.jsonl [b.jsonl.zst c.parquet hf_dataset_dir/ ...] --output-prefix data/web
                          [--text-key text] [--workers N]
+    phi4-data preprocess --input-list files.txt --output-prefix data/web/shard --tasks 64 --submit [--cluster h100]
+    phi4-data manifest --output-prefix data/web/shard
     phi4-data chat --input chats.jsonl [...] --output-prefix data/sft --seq-length 4096
     phi4-data decontaminate --eval bench.jsonl [...] --input web.jsonl [...] --output-dir clean/ [--ngram 13]
                             [--removed removed.jsonl] [--text-key text] [--eval-keys prompt ...] [--workers N]
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +46,43 @@ def _decontaminate(args) -> None:
     print(f"{report.throughput()}; report in {args.output_dir / 'decontamination.json'}{where}")
 
 
+def _preprocess(args) -> None:
+    from phi4.data import array  # lazy: only for preprocess
+
+    for flag, given in (("task", args.task is not None), ("submit", args.submit), ("dry_run", args.dry_run)):
+        if given and args.tasks is None:
+            raise ConfigError(f"--{flag.replace('_', '-')} goes with --tasks N (the array's size)")
+    if args.tasks is not None and args.submit:
+        array_id, manifest_id = array.submit(args.input, args.input_list, args.output_prefix, args.tasks, args.text_key,
+                                             args.cluster, args.dry_run)
+        if not args.dry_run:
+            print(f"submitted array {array_id} ({args.tasks} tasks) -> {args.output_prefix}_NNNNN, then manifest job "
+                  f"{manifest_id} -> {args.output_prefix}.manifest.json")
+        return
+    inputs = args.input or array.read_input_list(args.input_list)
+    if args.tasks is not None:
+        task = args.task
+        if task is None:
+            if not os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
+                raise ConfigError("--tasks without --task: give --task I, or run it as a task of a SLURM array "
+                                  "(SLURM_ARRAY_TASK_ID is not set)")
+            task = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        shard, done, skipped = array.run_task(inputs, args.output_prefix, task, args.tasks, args.text_key,
+                                              args.workers, not args.no_progress)
+        what = f"{shard}.bin/.idx already done for the same inputs: skipped" if skipped else f"wrote {shard}.bin/.idx"
+        print(f"task {task} of {args.tasks}: {what} ({len(done['inputs'])} inputs, {done['documents']} documents, "
+              f"{done['tokens']} tokens)")
+        if done["bad_lines"]:
+            print(f"skipped {done['bad_lines']} bad line(s): all in {shard}.bad_lines.txt", file=sys.stderr)
+        return
+    from phi4.data.preprocess import preprocess  # lazy: torch and Megatron-Core (6 s) only for this command
+
+    report = preprocess(inputs, args.output_prefix, args.text_key, args.workers, not args.no_progress)
+    blank = f", {report.blank_lines} blank lines skipped" if report.blank_lines else ""
+    print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens{blank}")
+    _report_bad_lines(args.output_prefix, report.bad_lines)
+
+
 def _whole(least: int):
     """An argparse type: a whole number of at least `least` (argparse names the option)."""
     def parse(text: str) -> int:
@@ -67,13 +107,25 @@ def main(argv=None) -> None:
     s.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("preprocess", help="documents (JSONL, .gz/.zst, Parquet, Arrow, a Hugging Face dataset "
                                           "directory) -> Megatron-Core indexed dataset (.bin/.idx)")
-    p.add_argument("--input", type=Path, nargs="+", required=True,
-                   help="JSONL (.jsonl/.json/.ndjson, also .gz or .zst), .parquet, .arrow, or a directory that "
-                        "Dataset.save_to_disk wrote")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", type=Path, nargs="+",
+                       help="JSONL (.jsonl/.json/.ndjson, also .gz or .zst), .parquet, .arrow, or a directory that "
+                            "Dataset.save_to_disk wrote")
+    given.add_argument("--input-list", type=Path, help="a file of inputs, one a line (for thousands of files)")
     p.add_argument("--output-prefix", type=Path, required=True)
     p.add_argument("--text-key", default="text", help="the JSON key or the column holding each document's text")
     p.add_argument("--workers", type=_whole(0), default=0, help="tokenizer processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tasks", type=_positive, default=None,
+                   help="split the inputs over this many tasks (a SLURM array), one shard <prefix>_NNNNN each")
+    p.add_argument("--task", type=_whole(0), default=None,
+                   help="with --tasks: the task to run (default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--submit", action="store_true",
+                   help="with --tasks: sbatch the array and, after it, `phi4-data manifest`")
+    p.add_argument("--cluster", default="h100", help="with --submit: conf/cluster/<NAME>.yaml or a file (default h100)")
+    p.add_argument("--dry-run", action="store_true", help="with --submit: print the sbatch commands only")
+    m = sub.add_parser("manifest", help="check the shards of an array's preprocess and write <prefix>.manifest.json")
+    m.add_argument("--output-prefix", type=Path, required=True, help="the array's --output-prefix")
     c = sub.add_parser("chat", help="chat JSONL ({'messages': [...]}) -> packed SFT rows with a loss mask")
     c.add_argument("--input", type=Path, nargs="+", required=True)
     c.add_argument("--output-prefix", type=Path, required=True)
@@ -116,13 +168,14 @@ def main(argv=None) -> None:
             _report_bad_lines(args.output_prefix, report.bad_lines)
         elif args.command == "decontaminate":
             _decontaminate(args)
-        else:
-            from phi4.data.preprocess import preprocess  # lazy: torch and Megatron-Core (6 s) only for this command
+        elif args.command == "manifest":
+            from phi4.data.array import write_manifest  # lazy: torch-free, but only for this command
 
-            report = preprocess(args.input, args.output_prefix, args.text_key, args.workers, not args.no_progress)
-            blank = f", {report.blank_lines} blank lines skipped" if report.blank_lines else ""
-            print(f"wrote {args.output_prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens{blank}")
-            _report_bad_lines(args.output_prefix, report.bad_lines)
+            path, manifest = write_manifest(args.output_prefix)
+            print(f"wrote {path}: {len(manifest['shards'])} shards, {manifest['documents']} documents, "
+                  f"{manifest['tokens']} tokens")
+        else:
+            _preprocess(args)
     except ConfigError as err:
         print(f"phi4-data: error: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2))

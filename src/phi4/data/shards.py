@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import numpy
 
+from phi4.data.array import manifest_prefixes
 from phi4.errors import ConfigError
 
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -35,7 +36,8 @@ def _natural(text: str) -> list:
 
 def shard_prefixes(path: Any, setting: str) -> list[str]:
     """The prefixes `path` names, in order: a prefix, a glob of prefixes (matched against their
-    `.idx` files, in natural order), or a list of either. Each prefix once."""
+    `.idx` files, in natural order), a shard manifest (`<prefix>.manifest.json`, phi4-data
+    manifest), or a list of them. Each prefix once."""
     items = list(path) if isinstance(path, (list, tuple)) or _is_sequence(path) else [path]
     if not items:
         raise ConfigError(f"{setting}: an empty list; give a prefix, a glob of prefixes or a list of them")
@@ -44,7 +46,9 @@ def shard_prefixes(path: Any, setting: str) -> list[str]:
         if not isinstance(item, str) or not item:
             raise ConfigError(f"{setting}: {item!r} is not a path prefix; give a prefix (data/web), a glob "
                               f"(data/web/shard_*) or a list of them")
-        if GLOB_CHARS.search(item):
+        if item.endswith(".manifest.json"):  # phi4-data manifest's list of an array's shards
+            prefixes.extend(manifest_prefixes(Path(item), setting))
+        elif GLOB_CHARS.search(item):
             found = sorted((m[: -len(".idx")] for m in glob.glob(f"{item}.idx")), key=_natural)
             if not found:
                 raise ConfigError(f"{setting}: {item} matches no indexed dataset ({item}.idx); "
@@ -67,7 +71,7 @@ def _is_sequence(value: Any) -> bool:
 
 
 def is_sharded(path: Any) -> bool:
-    return not isinstance(path, str) or bool(GLOB_CHARS.search(path))
+    return not isinstance(path, str) or bool(GLOB_CHARS.search(path)) or path.endswith(".manifest.json")
 
 
 class ShardedDocuments:
