@@ -521,6 +521,27 @@ def test_out_of_vocabulary_data_stops_before_the_model_with_the_files_name(tmp_p
     assert not (tmp_path / "run").exists()  # found after the process group: config.yaml and tensorboard/ gone again
 
 
+def test_dataset_indices_built_ahead_are_what_the_run_reads(tmp_path, cache):
+    """`phi4-data index` with a run's overrides builds its Megatron-Core indices; the run then adds
+    no file to the index cache and says it read them. A run with another seed builds its own."""
+    def files() -> dict:
+        return {p: p.stat().st_mtime_ns for p in (Path(cache) / "index_cache").rglob("*") if p.is_file()}
+
+    overrides = small(cache, "train.steps=3", "seed=4321")
+    out = subprocess.run([str(BIN / "phi4-data"), "index", *overrides], capture_output=True, text=True, timeout=300,
+                         env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.fullmatch(rf"dataset indices for 3 steps x 4 samples of 32 tokens \(1 source, seed 4321\): built \d+ "
+                        rf"files in {cache}/index_cache \(\d+\.\d s\); phi4-train with the same overrides reads them\n",
+                        out.stdout), out.stdout
+    before = files()
+    log = train(tmp_path / "run", *overrides).stdout
+    assert f"dataset indices: read from {cache}/index_cache (built ahead" in log, log[-2000:]
+    assert files() == before
+    log = train(tmp_path / "other", *small(cache, "train.steps=3", "seed=4322")).stdout
+    assert re.search(rf"dataset indices: built into {cache}/index_cache \(\d+ files\) in ", log), log[-2000:]
+
+
 def still_running(children, seconds: float = 10.0) -> list[int]:
     """The pids among `children` still running (not a zombie) after up to `seconds`; those are
     killed, so that a failing test leaves no orphan either."""

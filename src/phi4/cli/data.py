@@ -5,6 +5,7 @@
                          [--text-key text] [--workers N]
     phi4-data preprocess --input-list files.txt --output-prefix data/web/shard --tasks 64 --submit [--cluster h100]
     phi4-data manifest --output-prefix data/web/shard
+    phi4-data index [OVERRIDE ...]   (phi4-train's overrides: its dataset indices built ahead, into data.cache_dir)
     phi4-data chat --input chats.jsonl [...] --output-prefix data/sft --seq-length 4096
     phi4-data decontaminate --eval bench.jsonl [...] --input web.jsonl [...] --output-dir clean/ [--ngram 13]
                             [--removed removed.jsonl] [--text-key text] [--eval-keys prompt ...] [--workers N]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from phi4.data.decontaminate import EVAL_KEYS, decontaminate
@@ -44,6 +46,40 @@ def _decontaminate(args) -> None:
         _report_bad_lines(Path(s.output), s.bad_lines)
     where = f"; removed documents in {args.removed}" if args.removed else ""
     print(f"{report.throughput()}; report in {args.output_dir / 'decontamination.json'}{where}")
+
+
+def _index(overrides: list[str]) -> None:
+    """phi4-train's datasets for these overrides, built in this one process: Megatron-Core's
+    document, sample and shuffle indices and the blend's land in data.cache_dir, where every rank
+    of the job then reads them instead of waiting while rank 0 builds them."""
+    from hydra import compose, initialize_config_dir  # lazy: only for this command
+    from hydra.errors import HydraException  # lazy: only for this command
+    from omegaconf.errors import OmegaConfBaseException  # lazy: only for this command
+
+    from phi4 import conf_dir  # lazy: only for this command
+    from phi4.data.formats import data_format, prepare_sources, run_datasets  # lazy: torch and Megatron-Core
+    from phi4.logs import config_error_line  # lazy: only for this command
+    from phi4.settings import RunSettings  # lazy: only for this command
+    from phi4.train.checks import check_numbers, total_steps  # lazy: only for this command
+
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            cfg = compose("train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"invalid override: {config_error_line(error)}") from error
+    check_numbers(cfg)
+    fmt = data_format(cfg.data)
+    run = RunSettings.from_config(cfg)
+    if fmt.index_cache(run.data) is None:
+        raise ConfigError(f"data.format={fmt.name} builds no Megatron-Core indices (only data.format=gpt does): "
+                          "nothing to build ahead")
+    steps, start = total_steps(run.train), time.monotonic()
+    sources = prepare_sources(run.data, fmt, run.train.seq_length, 0, run.model.vocab_size)
+    built = run_datasets(run.data, fmt, sources, run.train, steps, run.seed)
+    what = (f"built {built.made} files" if built.made else "already there: nothing to build") + f" in {built.cache}"
+    print(f"dataset indices for {steps} steps x {run.train.global_batch_size} samples of {run.train.seq_length} "
+          f"tokens ({len(sources)} source{'s' if len(sources) != 1 else ''}, seed {run.seed}): {what} ({time.monotonic() - start:.1f} s); "
+          f"phi4-train with the same overrides reads them")
 
 
 def _preprocess(args) -> None:
@@ -124,6 +160,8 @@ def main(argv=None) -> None:
                    help="with --tasks: sbatch the array and, after it, `phi4-data manifest`")
     p.add_argument("--cluster", default="h100", help="with --submit: conf/cluster/<NAME>.yaml or a file (default h100)")
     p.add_argument("--dry-run", action="store_true", help="with --submit: print the sbatch commands only")
+    x = sub.add_parser("index", help="build a run's Megatron-Core dataset indices ahead of the job, into data.cache_dir")
+    x.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="the run's Hydra overrides, as phi4-train takes them")
     m = sub.add_parser("manifest", help="check the shards of an array's preprocess and write <prefix>.manifest.json")
     m.add_argument("--output-prefix", type=Path, required=True, help="the array's --output-prefix")
     c = sub.add_parser("chat", help="chat JSONL ({'messages': [...]}) -> packed SFT rows with a loss mask")
@@ -168,6 +206,8 @@ def main(argv=None) -> None:
             _report_bad_lines(args.output_prefix, report.bad_lines)
         elif args.command == "decontaminate":
             _decontaminate(args)
+        elif args.command == "index":
+            _index(args.overrides)
         elif args.command == "manifest":
             from phi4.data.array import write_manifest  # lazy: torch-free, but only for this command
 

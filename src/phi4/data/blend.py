@@ -172,8 +172,11 @@ class GptFormat(DataFormat):
             for prefix in source_prefixes(s):
                 check_tokens(prefix, vocab_size, f"data.sources.{s.name}")
 
+    def index_cache(self, data) -> str:
+        return str(Path(data.cache_dir) / "index_cache")
+
     def datasets(self, data, sources: list[Source], seq_length: int, train_samples: int, valid_samples: int,
                  seed: int) -> tuple:
         # keyed by the files themselves: a re-made dataset never meets a stale index cache
-        cache = Path(data.cache_dir) / "index_cache" / sources_fingerprint([p for s in sources for p in source_prefixes(s)])
+        cache = Path(self.index_cache(data)) / sources_fingerprint([p for s in sources for p in source_prefixes(s)])
         return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split, str(cache))

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -47,7 +49,8 @@ def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, voc
                 ensure_corpus(Path(s.path), seq_length=seq_length, **s.generate)
         fmt.check_files(data, sources, vocab_size)
         fmt.check_packing(sources, sequence_multiple, needed_by)
-    torch.distributed.barrier()
+    if torch.distributed.is_initialized():  # phi4-data index runs it in one process, without a group
+        torch.distributed.barrier()
     if rank != 0:
         fmt.check_files(data, sources, vocab_size)
         fmt.check_packing(sources, sequence_multiple, needed_by)
@@ -58,6 +61,47 @@ def build_train_valid(data: Data, fmt: DataFormat, sources: list[Source], seq_le
                       valid_samples: int, seed: int):
     """(train, validation) datasets of the configured format."""
     return fmt.datasets(data, sources, seq_length, train_samples, valid_samples, seed)
+
+
+@dataclass(frozen=True)
+class RunDatasets:
+    train: object
+    valid: object
+    valid_by_source: dict  # train.valid_per_source with several sources: each one's validation split
+    cache: Optional[str]  # where Megatron-Core's index cache is (the gpt format's), or None
+    made: int  # files the build added to it: 0 when every index was there already
+    seconds: float
+
+    @property
+    def indices(self) -> str:
+        """What became of the index cache, for the run's log ("" for a format without one)."""
+        if self.cache is None:
+            return ""
+        if not self.made:
+            return f"dataset indices: read from {self.cache} (built ahead: phi4-data index, or an earlier run)"
+        return (f"dataset indices: built into {self.cache} ({self.made} files) in {self.seconds:.1f} s; `phi4-data "
+                f"index` with the run's overrides builds them ahead, so that no rank waits on rank 0")
+
+
+def _cache_files(folder) -> int:
+    return sum(1 for p in Path(folder).rglob("*") if p.is_file()) if folder and Path(folder).is_dir() else 0
+
+
+def run_datasets(data: Data, fmt: DataFormat, sources: list[Source], train, total_steps: int, seed: int) -> RunDatasets:
+    """A run's datasets, as phi4-train builds them and `phi4-data index` builds them ahead: the
+    training samples of every step, `train.valid_samples` (at least 1) for validation, and each
+    source's own split where validation is per source. `indices` says whether Megatron-Core's
+    index cache (the gpt format's) already held them."""
+    if torch.distributed.is_initialized():  # every rank looks at the cache before rank 0 writes to it
+        torch.distributed.barrier()
+    cache = fmt.index_cache(data)
+    before, start = _cache_files(cache), time.monotonic()
+    valid_samples = max(train.valid_samples, 1)
+    train_ds, valid_ds = build_train_valid(data, fmt, sources, train.seq_length,
+                                           total_steps * train.global_batch_size, valid_samples, seed)
+    per_source = train.valid_per_source and train.valid_every and len(sources) > 1
+    by_source = fmt.valid_by_source(data, sources, train.seq_length, valid_samples, seed) if per_source else {}
+    return RunDatasets(train_ds, valid_ds, by_source, cache, _cache_files(cache) - before, time.monotonic() - start)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,10 @@ class DataFormat:
     def check_files(self, data: Data, sources: list, vocab_size: int) -> None:
         """Every source whole and within the vocabulary, before the model is built."""
 
+    def index_cache(self, data: Data) -> Optional[str]:
+        """Where the format keeps Megatron-Core's dataset indices (None: it builds none)."""
+        return None
+
     def check_packing(self, sources: list, multiple: int, needed_by: str) -> None:
         """Packed formats: room in every row to pad each sequence to `multiple` (context parallelism)."""
 

@@ -40,7 +40,7 @@ from phi4.checkpoint.pointers import latest_checkpoint, resolve_checkpoint
 from phi4.checkpoint.run import RunCheckpointer, run_states
 from phi4.checkpoint.weights import MODEL_CONFIG_KEY, load_model_weights, weights_fingerprint
 from phi4.data.blend import GlobalBatches
-from phi4.data.formats import Collate, build_train_valid, data_format, prepare_sources
+from phi4.data.formats import Collate, data_format, prepare_sources, run_datasets
 from phi4.data.registry import DataFormat
 from phi4.errors import ConfigError
 from phi4.model.build import build_phi4_model, model_summary, transformer_config
@@ -262,12 +262,10 @@ class Trainer:
         if self.transformer_config.tp_comm_overlap:
             self.log_info("TP communication overlap: on (TE userbuffers; topology.tp_comm_overlap=false turns it off)")
 
-        train_ds, self.valid_dataset = build_train_valid(run.data, self.spec.data_format, sources, t.seq_length,
-                                                         self.total_steps * t.global_batch_size,
-                                                         max(t.valid_samples, 1), run.seed)
-        per_source = t.valid_per_source and t.valid_every and len(sources) > 1
-        self.valid_by_source = self.spec.data_format.valid_by_source(
-            run.data, sources, t.seq_length, max(t.valid_samples, 1), run.seed) if per_source else {}
+        datasets = run_datasets(run.data, self.spec.data_format, sources, t, self.total_steps, run.seed)
+        train_ds, self.valid_dataset, self.valid_by_source = datasets.train, datasets.valid, datasets.valid_by_source
+        if datasets.indices:
+            self.log_info(datasets.indices)
         self.collate = Collate(self.spec.data_format, t.micro_batch_size,
                                "thd" if run.model.transformer_impl == "te" else "mask", self.thd_multiple)
         self.dp_rank = parallel_state.get_data_parallel_rank()
