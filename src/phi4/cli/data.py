@@ -70,7 +70,7 @@ def _index(overrides: list[str]) -> None:
     check_numbers(cfg)
     fmt = data_format(cfg.data)
     run = RunSettings.from_config(cfg)
-    if fmt.index_cache(run.data) is None:
+    if not fmt.megatron_indices:
         raise ConfigError(f"data.format={fmt.name} builds no Megatron-Core indices (only data.format=gpt does): "
                           "nothing to build ahead")
     steps, start = total_steps(run.train), time.monotonic()

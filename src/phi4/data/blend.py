@@ -9,7 +9,7 @@ consumed samples, so a resumed run continues with exactly the batch it would hav
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +97,7 @@ class ShardedGPTDataset(GPTDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig):
-        prefixes = getattr(config, "shards", {}).get(dataset_path)
+        prefixes = config.shards.get(dataset_path)
         if prefixes is None:
             return GPTDataset.build_low_level_dataset(dataset_path, config)
         return ShardedDocuments(prefixes, dataset_path, mmap=config.mmap_bin_files)
@@ -172,11 +172,23 @@ class GptFormat(DataFormat):
             for prefix in source_prefixes(s):
                 check_tokens(prefix, vocab_size, f"data.sources.{s.name}")
 
-    def index_cache(self, data) -> str:
-        return str(Path(data.cache_dir) / "index_cache")
+    megatron_indices = True
+
+    def resolve(self, sources: list[Source]) -> list[Source]:
+        """A glob or manifest becomes its list of shard prefixes: matched once, not at every read."""
+        return [replace(s, path=source_prefixes(s)) if is_sharded(s.path) else s for s in sources]
+
+    @staticmethod
+    def _index_dir(data, sources: list[Source]) -> Path:
+        # keyed by the files themselves: a re-made dataset never meets a stale index cache
+        return Path(data.cache_dir) / "index_cache" / sources_fingerprint([p for s in sources for p in source_prefixes(s)])
+
+    def index_dirs(self, data, sources: list[Source]) -> list[Path]:
+        """The blend's, then each source's alone (per-source validation builds those)."""
+        alone = [self._index_dir(data, [s]) for s in sources] if len(sources) > 1 else []
+        return list(dict.fromkeys([self._index_dir(data, sources), *alone]))
 
     def datasets(self, data, sources: list[Source], seq_length: int, train_samples: int, valid_samples: int,
                  seed: int) -> tuple:
-        # keyed by the files themselves: a re-made dataset never meets a stale index cache
-        cache = Path(self.index_cache(data)) / sources_fingerprint([p for s in sources for p in source_prefixes(s)])
-        return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split, str(cache))
+        return build_datasets(sources, seq_length, train_samples, valid_samples, seed, data.split,
+                              str(self._index_dir(data, sources)))

@@ -40,7 +40,7 @@ def prepare_sources(data: Data, fmt: DataFormat, seq_length: int, rank: int, voc
     ones that are missing and checks them before the others, which then read its cached results
     instead of scanning every file again. Packed sources must have room to pad each sequence to
     `sequence_multiple` (what `needed_by`, the layout, asks)."""
-    sources = list(data.sources)
+    sources = fmt.resolve(list(data.sources))
     if rank == 0:
         for s in data.sources:
             if s.generate:
@@ -68,8 +68,8 @@ class RunDatasets:
     train: object
     valid: object
     valid_by_source: dict  # train.valid_per_source with several sources: each one's validation split
-    cache: Optional[str]  # where Megatron-Core's index cache is (the gpt format's), or None
-    made: int  # files the build added to it: 0 when every index was there already
+    cache: Optional[Path]  # where the blend's Megatron-Core indices are kept (the gpt format), or None
+    made: int  # files the build added there (and to each source's own): 0 when every index was there
     seconds: float
 
     @property
@@ -83,25 +83,26 @@ class RunDatasets:
                 f"index` with the run's overrides builds them ahead, so that no rank waits on rank 0")
 
 
-def _cache_files(folder) -> int:
-    return sum(1 for p in Path(folder).rglob("*") if p.is_file()) if folder and Path(folder).is_dir() else 0
+def _files_in(folders: list[Path]) -> int:
+    return sum(sum(1 for p in folder.iterdir() if p.is_file()) for folder in folders if folder.is_dir())
 
 
 def run_datasets(data: Data, fmt: DataFormat, sources: list[Source], train, total_steps: int, seed: int) -> RunDatasets:
     """A run's datasets, as phi4-train builds them and `phi4-data index` builds them ahead: the
     training samples of every step, `train.valid_samples` (at least 1) for validation, and each
-    source's own split where validation is per source. `indices` says whether Megatron-Core's
-    index cache (the gpt format's) already held them."""
+    source's own split where validation is per source. `made` counts the index files the build
+    wrote in this run's own index directories (0: Megatron-Core found every index there)."""
     if torch.distributed.is_initialized():  # every rank looks at the cache before rank 0 writes to it
         torch.distributed.barrier()
-    cache = fmt.index_cache(data)
-    before, start = _cache_files(cache), time.monotonic()
+    folders = fmt.index_dirs(data, sources)
+    before, start = _files_in(folders), time.monotonic()
     valid_samples = max(train.valid_samples, 1)
     train_ds, valid_ds = build_train_valid(data, fmt, sources, train.seq_length,
                                            total_steps * train.global_batch_size, valid_samples, seed)
     per_source = train.valid_per_source and train.valid_every and len(sources) > 1
     by_source = fmt.valid_by_source(data, sources, train.seq_length, valid_samples, seed) if per_source else {}
-    return RunDatasets(train_ds, valid_ds, by_source, cache, _cache_files(cache) - before, time.monotonic() - start)
+    return RunDatasets(train_ds, valid_ds, by_source, folders[0] if folders else None, _files_in(folders) - before,
+                       time.monotonic() - start)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ def register(name: str):
 
 class DataFormat:
     name = ""
+    megatron_indices = False  # whether it builds Megatron-Core dataset indices (what phi4-data index builds ahead)
 
     def check(self, data: DictConfig) -> None:
         """Its settings, before any process group."""
@@ -42,9 +43,14 @@ class DataFormat:
     def check_files(self, data: Data, sources: list, vocab_size: int) -> None:
         """Every source whole and within the vocabulary, before the model is built."""
 
-    def index_cache(self, data: Data) -> Optional[str]:
-        """Where the format keeps Megatron-Core's dataset indices (None: it builds none)."""
-        return None
+    def resolve(self, sources: list) -> list:
+        """The sources with what their paths name made explicit, once, before anything reads them."""
+        return sources
+
+    def index_dirs(self, data: Data, sources: list) -> list:
+        """The directories where these sources' Megatron-Core dataset indices are kept (none: it
+        builds none)."""
+        return []
 
     def check_packing(self, sources: list, multiple: int, needed_by: str) -> None:
         """Packed formats: room in every row to pad each sequence to `multiple` (context parallelism)."""

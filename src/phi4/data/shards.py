@@ -38,7 +38,7 @@ def shard_prefixes(path: Any, setting: str) -> list[str]:
     """The prefixes `path` names, in order: a prefix, a glob of prefixes (matched against their
     `.idx` files, in natural order), a shard manifest (`<prefix>.manifest.json`, phi4-data
     manifest), or a list of them. Each prefix once."""
-    items = list(path) if isinstance(path, (list, tuple)) or _is_sequence(path) else [path]
+    items = list(path) if isinstance(path, (list, tuple)) else [path]
     if not items:
         raise ConfigError(f"{setting}: an empty list; give a prefix, a glob of prefixes or a list of them")
     prefixes: list[str] = []
@@ -63,11 +63,6 @@ def shard_prefixes(path: Any, setting: str) -> list[str]:
             raise ConfigError(f"{setting}: {prefix} is named twice (a shard's documents would be read twice)")
         seen[key] = prefix
     return prefixes
-
-
-def _is_sequence(value: Any) -> bool:
-    """An OmegaConf ListConfig (or another sequence that is not a string)."""
-    return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__") and hasattr(value, "__len__")
 
 
 def is_sharded(path: Any) -> bool:
